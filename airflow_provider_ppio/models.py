@@ -1,0 +1,283 @@
+"""
+Typed results of the PPIO prewarm API, and the one place that says what a status means.
+
+Parsing is tolerant where the API is loosely documented (extra fields, nulls, missing optional
+fields, unknown status values) and strict where a wrong value would mislead (types of known
+fields, a missing ``task_id`` or ``status``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
+
+
+class PrewarmTaskState(enum.StrEnum):
+    """The documented values of ``status.status``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Outcome(enum.StrEnum):
+    """What a waiting gate should do about a prewarm task."""
+
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset({PrewarmTaskState.SUCCEEDED, PrewarmTaskState.FAILED})
+
+
+class _ApiModel(BaseModel):
+    """Keeps unknown fields and treats ``null`` as "not given", so defaults apply."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class PrewarmTaskStatus(_ApiModel):
+    """
+    The ``status`` object of a prewarm task.
+
+    :param status: The lifecycle value; unknown values are kept as they came.
+    :param error: Error code or type, empty when none.
+    :param message: Status description or error message, empty when none.
+    """
+
+    status: str
+    error: str = ""
+    message: str = ""
+
+    @property
+    def state(self) -> PrewarmTaskState | None:
+        """The documented state, or None for a value this provider does not know."""
+        try:
+            return PrewarmTaskState(self.status.strip().lower())
+        except ValueError:
+            return None
+
+
+class PrewarmTask(_ApiModel):
+    """One image prewarm task, as ``GET /gpus/v2/prewarm-tasks/{task_id}`` returns it."""
+
+    task_id: str
+    status: PrewarmTaskStatus
+    name: str = ""
+    image: str = ""
+    region_id: str = ""
+    product_ids: list[str] = []
+    image_size: int = 0
+    created_at: int = 0
+    completed_at: int = 0
+    registry_auth_id: str = ""
+    note: str = ""
+    reason: list[str] = []
+
+    @field_validator("reason", "product_ids", mode="before")
+    @classmethod
+    def _single_string_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @classmethod
+    def from_api(cls, payload: Any) -> PrewarmTask:
+        """
+        Parse a response body, raising the typed bad-response error on anything unusable.
+
+        :param payload: The decoded JSON body.
+        """
+        if not isinstance(payload, dict):
+            raise PPIOBadResponseError(f"Expected a prewarm task JSON object, got {type(payload).__name__}")
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as err:
+            raise PPIOBadResponseError(f"Unexpected prewarm task in the response: {describe(err)}") from None
+
+    @property
+    def state(self) -> PrewarmTaskState | None:
+        """The documented state, or None when the API sent a value this provider does not know."""
+        return self.status.state
+
+    @property
+    def outcome(self) -> Outcome:
+        """What a gate should do about this task; see :func:`decide`."""
+        return decide(self)
+
+    @property
+    def reasons(self) -> list[str]:
+        """The non-empty failure reasons."""
+        return [reason for reason in self.reason if reason.strip()]
+
+    def failure_summary(self) -> str:
+        """One line with the task id, the API's error, message and reasons."""
+        parts = [f"PPIO prewarm task {self.task_id!r} failed"]
+        if self.status.error:
+            parts.append(f"error: {self.status.error}")
+        if self.status.message:
+            parts.append(f"message: {self.status.message}")
+        if self.reasons:
+            parts.append("reasons: " + "; ".join(self.reasons))
+        return " | ".join(parts)
+
+    def to_xcom(self) -> dict[str, Any]:
+        """The task as plain JSON-compatible data, for XCom and trigger events."""
+        return self.model_dump(mode="json")
+
+
+def decide(task: PrewarmTask) -> Outcome:
+    """
+    Decide what a gate does about ``task``: the only place that maps statuses to outcomes.
+
+    ``succeeded`` ends the wait, ``failed`` fails it, and every other value (``pending``,
+    ``running``, or one the API adds later) keeps it waiting.
+
+    :param task: The prewarm task as last read from the API.
+    """
+    state = task.state
+    if state is PrewarmTaskState.SUCCEEDED:
+        return Outcome.SUCCEEDED
+    if state is PrewarmTaskState.FAILED:
+        return Outcome.FAILED
+    return Outcome.WAITING
+
+
+def describe(err: ValidationError) -> str:
+    """
+    Name each invalid field of a validation error in one line, without echoing values.
+
+    :param err: The pydantic error.
+    """
+    problems = []
+    for detail in err.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in detail["loc"]) or "body"
+        problems.append(f"{location}: {detail['msg']}")
+    return "; ".join(problems)
+
+
+class PrewarmTaskPage(_ApiModel):
+    """One page of ``GET /gpus/v2/prewarm-tasks``."""
+
+    data: list[PrewarmTask] = []
+    next_cursor: str = ""
+    has_more: bool = False
+
+    @classmethod
+    def from_api(cls, payload: Any) -> PrewarmTaskPage:
+        """
+        Parse a list response, raising the typed bad-response error on anything unusable.
+
+        :param payload: The decoded JSON body.
+        """
+        if not isinstance(payload, dict):
+            raise PPIOBadResponseError(f"Expected a JSON object with 'data', got {type(payload).__name__}")
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as err:
+            raise PPIOBadResponseError(f"Unexpected prewarm task list in the response: {describe(err)}") from None
+
+
+class _Request(BaseModel):
+    """Arguments checked before any request is sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @classmethod
+    def _checked(cls, what: str, **values: Any) -> Any:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise PPIOInvalidInputError(f"Invalid {what}: {describe(err)}") from None
+
+
+class CreatePrewarmTaskRequest(_Request):
+    """The body of ``POST /gpus/v2/prewarm-tasks``, with the documented limits."""
+
+    image: str = Field(min_length=1, max_length=4095)
+    region_id: str = Field(min_length=1, max_length=255)
+    product_ids: list[str] | None = None
+    registry_auth_id: str | None = Field(default=None, max_length=255)
+    note: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        image: str,
+        region_id: str,
+        product_ids: Sequence[str] | None = None,
+        registry_auth_id: str | None = None,
+        note: str | None = None,
+    ) -> CreatePrewarmTaskRequest:
+        """
+        Check the arguments of a create call.
+
+        :param image: Full image reference.
+        :param region_id: Target region id.
+        :param product_ids: GPU products to cover.
+        :param registry_auth_id: Registry credential id.
+        :param note: Free-text note.
+        """
+        if isinstance(product_ids, str):
+            raise PPIOInvalidInputError("Invalid create request: product_ids must be a list, not one string")
+        products = None if product_ids is None else list(product_ids)
+        result: CreatePrewarmTaskRequest = cls._checked(
+            "create request",
+            image=image,
+            region_id=region_id,
+            product_ids=products,
+            registry_auth_id=registry_auth_id,
+            note=note,
+        )
+        return result
+
+
+class ListPrewarmTasksQuery(_Request):
+    """The query of ``GET /gpus/v2/prewarm-tasks``, with the documented limits."""
+
+    status: Literal["pending", "running", "succeeded", "failed"] | None = None
+    region_id: str | None = Field(default=None, max_length=255)
+    name: str | None = Field(default=None, max_length=255)
+    limit: int = Field(default=50, ge=1, le=1000)
+
+    @classmethod
+    def build(cls, *, status: str | None, region_id: str | None, name: str | None, limit: int) -> ListPrewarmTasksQuery:
+        """
+        Check the arguments of a list call.
+
+        :param status: State filter.
+        :param region_id: Region filter.
+        :param name: Fuzzy image name or note filter.
+        :param limit: Page size.
+        """
+        result: ListPrewarmTasksQuery = cls._checked(
+            "list query", status=status, region_id=region_id, name=name, limit=limit
+        )
+        return result
+
+
+def created_task_id(answer: Any) -> str | None:
+    """
+    The new task's id from a create answer, whose shape is undocumented: ``task_id`` or ``id``.
+
+    :param answer: The decoded create response.
+    """
+    if isinstance(answer, dict):
+        for key in ("task_id", "id"):
+            value = answer.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
