@@ -90,7 +90,8 @@ class PPIOHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Relabel and hide connection-form fields (Airflow 2.11; Airflow 3 reads provider info)."""
-        return {key: value.copy() for key, value in UI_FIELD_BEHAVIOUR.items()}
+        # Provider info spells the keys kebab-case ("hidden-fields"); this method's contract is snake_case.
+        return {key.replace("-", "_"): value.copy() for key, value in UI_FIELD_BEHAVIOUR.items()}
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
@@ -158,8 +159,13 @@ class PPIOHook(BaseHook):
         """One keep-alive ``requests.Session`` per hook, with auth and user agent headers."""
         import requests
 
+        from airflow_provider_ppio.hooks._deadline import DeadlineAdapter
+
         session = requests.Session()
         session.headers.update(request_headers(self.settings, json_body=False))
+        # Per-read timeouts cannot stop a server that trickles its headers; this adapter can.
+        session.mount("http://", DeadlineAdapter())
+        session.mount("https://", DeadlineAdapter())
         return session
 
     def request(
@@ -206,21 +212,29 @@ class PPIOHook(BaseHook):
     ) -> Any:
         import requests
 
+        from airflow_provider_ppio.hooks._deadline import deadline as headers_deadline
+
         deadline = time.monotonic() + settings.timeout
         headers = {"Content-Type": "application/json"} if json is not None else None
         try:
-            response = self.session.request(
-                method,
-                url,
-                params=params,
-                json=json,
-                headers=headers,
-                timeout=(settings.connect_timeout, settings.timeout),
-                stream=True,
-                allow_redirects=False,
-            )
+            with headers_deadline(deadline) as watchdog:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json,
+                    headers=headers,
+                    timeout=(settings.connect_timeout, settings.timeout),
+                    stream=True,
+                    allow_redirects=False,
+                )
         except requests.RequestException as err:
+            if watchdog.fired:
+                raise _headers_timeout(method, path, settings) from None
             raise _transport_error(method, path, settings, err) from None
+        if watchdog.fired:  # the cut connection may look like a complete (empty) answer
+            response.close()
+            raise _headers_timeout(method, path, settings)
         with response:
             try:
                 body = _read_body(response, deadline, method, path)
@@ -385,7 +399,7 @@ class PPIOHook(BaseHook):
         """The create answer named no id: find the newest matching task, as the docs advise."""
         candidates = [
             task
-            for task in self.list_prewarm_tasks(region_id=body.region_id, name=body.note or None)
+            for task in self.list_prewarm_tasks(region_id=body.region_id, name=body.note[:255] if body.note else None)
             if task.image == body.image and (body.note is None or task.note == body.note)
         ]
         if not candidates:
@@ -479,6 +493,12 @@ def _read_body(response: requests.Response, deadline: float, method: str, path: 
         if size > MAX_BODY_BYTES:
             raise _too_large(method, path)
         chunks.append(chunk)
+
+
+def _headers_timeout(method: str, path: str, settings: ClientSettings) -> PPIOTimeoutError:
+    return PPIOTimeoutError(
+        f"{method} {path}: no complete answer from {settings.base_url} within {settings.timeout:g}s"
+    )
 
 
 def _too_large(method: str, path: str) -> PPIOBadResponseError:

@@ -1,0 +1,306 @@
+"""PrewarmTaskSensor: poke answers, failures, soft_fail, reschedule mode and templating."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+import requests_mock as rm
+from airflow.exceptions import AirflowRescheduleException  # the same class as the Task SDK's on Airflow 3
+from airflow.providers.common.compat.sdk import (
+    DAG,
+    AirflowFailException,
+    AirflowSkipException,
+    Param,
+    PokeReturnValue,
+)
+
+from airflow_provider_ppio.exceptions import PPIOAuthError, PPIOBadResponseError, PPIONotFoundError
+from airflow_provider_ppio.sensors.prewarm import PrewarmTaskSensor
+
+TASKS = "/gpus/v2/prewarm-tasks"
+MakeTask = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Waits between retries and between pokes, recorded instead of slept."""
+    waited: list[float] = []
+    monkeypatch.setattr(time, "sleep", waited.append)
+    return waited
+
+
+@pytest.fixture
+def task_url(ppio_conn: str) -> str:
+    return f"{ppio_conn}{TASKS}/pw-1"
+
+
+def sensor(**kwargs: Any) -> PrewarmTaskSensor:
+    return PrewarmTaskSensor(**{"task_id": "wait", "prewarm_task_id": "pw-1", "poke_interval": 1, **kwargs})
+
+
+@pytest.fixture
+def reschedule_context(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The part of a task context that ``mode="reschedule"`` reads: a first try, no earlier reschedule."""
+    try:
+        import airflow.sensors.base as af2_sensor_base  # Airflow 2 looks the first try's start up in the DB
+    except ImportError:
+        af2_sensor_base = None
+    if af2_sensor_base is not None and hasattr(af2_sensor_base, "_orig_start_date"):
+        monkeypatch.setattr(af2_sensor_base, "_orig_start_date", lambda **kwargs: None)
+    ti = types.SimpleNamespace(
+        dag_id="gate",
+        task_id="wait",
+        run_id="manual__1",
+        map_index=-1,
+        max_tries=0,
+        try_number=1,
+        get_first_reschedule_date=lambda context: None,
+    )
+    return {"ti": ti}
+
+
+# -- poke ---------------------------------------------------------------------------------------------
+
+
+def test_succeeded_returns_a_done_poke_with_json_xcom(
+    requests_mock: rm.Mocker, task_url: str, make_task: MakeTask
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "succeeded", completed_at=1767229200, gpu_nodes=4))
+    result = sensor().poke({})
+    assert isinstance(result, PokeReturnValue)
+    assert result.is_done is True
+    xcom = result.xcom_value
+    assert json.loads(json.dumps(xcom)) == xcom
+    assert xcom["task_id"] == "pw-1"
+    assert xcom["image"] == "registry.example.com/team/llama:1.0"
+    assert xcom["region_id"] == "us-east-1"
+    assert xcom["status"]["status"] == "succeeded"
+    assert xcom["gpu_nodes"] == 4
+
+
+@pytest.mark.parametrize("status", ["succeeded", "SUCCEEDED", "Succeeded"])
+def test_succeeded_in_any_case_opens_the_gate(
+    requests_mock: rm.Mocker, task_url: str, make_task: MakeTask, status: str
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", status))
+    result = sensor().poke({})
+    assert isinstance(result, PokeReturnValue)
+    assert result.is_done
+
+
+@pytest.mark.parametrize("status", ["pending", "running", "RUNNING", "Pending", "queued", "", "image_pulling"])
+def test_not_finished_keeps_waiting(requests_mock: rm.Mocker, task_url: str, make_task: MakeTask, status: str) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", status))
+    assert sensor().poke({}) is False
+
+
+def test_unknown_status_is_logged(
+    requests_mock: rm.Mocker,
+    task_url: str,
+    make_task: MakeTask,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "image_pulling"))
+    assert sensor().poke({}) is False
+    assert "image_pulling" in caplog.text + "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("status", ["failed", "FAILED", "Failed"])
+def test_failed_raises_fail_exception_with_the_details(
+    requests_mock: rm.Mocker, task_url: str, make_task: MakeTask, status: str
+) -> None:
+    requests_mock.get(
+        task_url,
+        json=make_task(
+            "pw-1",
+            status,
+            error="IMAGE_PULL_FAILED",
+            message="manifest unknown",
+            reason=["registry returned 404", "node gpu-3 out of disk"],
+        ),
+    )
+    with pytest.raises(AirflowFailException) as info:
+        sensor().poke({})
+    text = str(info.value)
+    for part in ("pw-1", "IMAGE_PULL_FAILED", "manifest unknown", "registry returned 404", "node gpu-3 out of disk"):
+        assert part in text
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        {"status_code": 503, "json": {"message": "busy"}},
+        {"status_code": 429, "json": {}, "headers": {"Retry-After": "1"}},
+        {"exc": requests.ConnectionError("reset")},
+        {"exc": requests.exceptions.ReadTimeout("slow")},
+    ],
+)
+def test_transient_error_after_retries_keeps_waiting(
+    requests_mock: rm.Mocker, task_url: str, sleeps: list[float], response: dict[str, Any]
+) -> None:
+    requests_mock.get(task_url, **response)
+    assert sensor().poke({}) is False
+    assert requests_mock.call_count == 5  # the hook retried before the sensor gave up this poke
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [
+        ({"status_code": 401, "json": {"message": "bad key"}}, PPIOAuthError),
+        ({"status_code": 403, "json": {"message": "forbidden"}}, PPIOAuthError),
+        ({"status_code": 404, "json": {"message": "no such task"}}, PPIONotFoundError),
+        ({"status_code": 200, "text": "<html>login</html>"}, PPIOBadResponseError),
+        ({"status_code": 200, "json": {"status": {"status": "running"}}}, PPIOBadResponseError),
+    ],
+)
+def test_permanent_errors_fail_at_once(
+    requests_mock: rm.Mocker, task_url: str, sleeps: list[float], response: dict[str, Any], error: type[Exception]
+) -> None:
+    requests_mock.get(task_url, **response)
+    with pytest.raises(error):
+        sensor().poke({})
+    assert requests_mock.call_count == 1
+
+
+def test_invalid_task_id_fails_without_a_request(ppio_conn: str, requests_mock: rm.Mocker) -> None:
+    with pytest.raises(ValueError, match="prewarm task id"):
+        sensor(prewarm_task_id="..").poke({})
+    assert requests_mock.call_count == 0
+
+
+def test_sensor_uses_its_connection(
+    set_conn: Callable[..., None], requests_mock: rm.Mocker, make_task: MakeTask
+) -> None:
+    set_conn("ppio_novita", host="https://api.novita.ai")
+    requests_mock.get(f"https://api.novita.ai{TASKS}/pw-1", json=make_task("pw-1", "running"))
+    assert sensor(ppio_conn_id="ppio_novita").poke({}) is False
+    assert requests_mock.call_count == 1
+
+
+def test_key_not_logged_or_raised_by_the_sensor(
+    requests_mock: rm.Mocker,
+    task_url: str,
+    api_key: str,
+    sleeps: list[float],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    requests_mock.get(task_url, status_code=503, text=f"proxy error for Bearer {api_key}")
+    assert sensor().poke({}) is False
+    requests_mock.get(task_url, status_code=401, json={"message": f"key {api_key} revoked"})
+    with pytest.raises(PPIOAuthError) as info:
+        sensor().poke({})
+    logged = caplog.text + "".join(capsys.readouterr())
+    assert "will try again" in logged
+    assert api_key not in logged
+    assert api_key not in str(info.value)
+
+
+# -- execute: poke mode, soft_fail, reschedule ---------------------------------------------------------
+
+
+def test_execute_waits_until_succeeded_and_returns_the_xcom(
+    requests_mock: rm.Mocker, task_url: str, sleeps: list[float], make_task: MakeTask
+) -> None:
+    requests_mock.get(
+        task_url,
+        [
+            {"json": make_task("pw-1", "pending")},
+            {"json": make_task("pw-1", "running")},
+            {"json": make_task("pw-1", "succeeded")},
+        ],
+    )
+    result = sensor(poke_interval=7).execute({})
+    assert result["status"]["status"] == "succeeded"
+    assert json.loads(json.dumps(result)) == result
+    assert requests_mock.call_count == 3
+    assert len(sleeps) == 2  # slept between pokes (not for real: time.sleep is recorded)
+
+
+def test_execute_fails_on_a_failed_prewarm(requests_mock: rm.Mocker, task_url: str, make_task: MakeTask) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "failed", message="no space left"))
+    with pytest.raises(AirflowFailException, match="no space left"):
+        sensor().execute({})
+
+
+def test_soft_fail_turns_a_failed_prewarm_into_a_skip(
+    requests_mock: rm.Mocker, task_url: str, make_task: MakeTask
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "failed", message="no space left"))
+    with pytest.raises(AirflowSkipException) as info:
+        sensor(soft_fail=True).execute({})
+    assert "no space left" in str(info.value.__cause__)
+
+
+def test_soft_fail_does_not_hide_a_bad_api_key(requests_mock: rm.Mocker, task_url: str) -> None:
+    requests_mock.get(task_url, status_code=401, json={"message": "bad key"})
+    with pytest.raises(PPIOAuthError):
+        sensor(soft_fail=True).execute({})
+
+
+def test_reschedule_mode_reschedules_instead_of_blocking(
+    requests_mock: rm.Mocker,
+    task_url: str,
+    sleeps: list[float],
+    reschedule_context: dict[str, Any],
+    make_task: MakeTask,
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "running"))
+    waiting = sensor(mode="reschedule", poke_interval=60)
+    before = datetime.datetime.now(datetime.UTC)
+    with pytest.raises(AirflowRescheduleException) as info:
+        waiting.execute(reschedule_context)
+    assert requests_mock.call_count == 1
+    assert sleeps == []  # the worker slot is freed, not held by sleeping
+    assert info.value.reschedule_date >= before + datetime.timedelta(seconds=50)
+
+
+def test_reschedule_mode_finishes_with_the_xcom(
+    requests_mock: rm.Mocker, task_url: str, reschedule_context: dict[str, Any], make_task: MakeTask
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "succeeded"))
+    result = sensor(mode="reschedule").execute(reschedule_context)
+    assert result["task_id"] == "pw-1"
+
+
+def test_reschedule_mode_soft_fail_skips(
+    requests_mock: rm.Mocker, task_url: str, reschedule_context: dict[str, Any], make_task: MakeTask
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-1", "failed"))
+    with pytest.raises(AirflowSkipException):
+        sensor(mode="reschedule", soft_fail=True).execute(reschedule_context)
+
+
+# -- templating ---------------------------------------------------------------------------------------
+
+
+def test_template_fields_render_from_params() -> None:
+    with DAG(
+        dag_id="sensor_templates",
+        schedule=None,
+        start_date=datetime.datetime(2026, 1, 1),
+        params={"prewarm_task_id": Param("pw-from-params", type="string"), "conn": "ppio_other"},
+    ) as dag:
+        waiting = PrewarmTaskSensor(
+            task_id="wait", prewarm_task_id="{{ params.prewarm_task_id }}", ppio_conn_id="{{ params.conn }}"
+        )
+    assert set(PrewarmTaskSensor.template_fields) == {"prewarm_task_id", "ppio_conn_id"}
+    waiting.render_template_fields({"params": dag.params})
+    assert waiting.prewarm_task_id == "pw-from-params"
+    assert waiting.ppio_conn_id == "ppio_other"
+    assert waiting.hook.ppio_conn_id == "ppio_other"
+
+
+def test_building_the_sensor_does_no_io(monkeypatch: pytest.MonkeyPatch, requests_mock: rm.Mocker) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_PPIO_DEFAULT", raising=False)
+    built = sensor(ppio_conn_id="not_defined_anywhere")
+    assert built.prewarm_task_id == "pw-1"
+    assert requests_mock.call_count == 0
