@@ -240,7 +240,7 @@ def interpret_response(
     if 200 <= status < 300:
         if not body.strip() and allow_empty:
             return {}
-        return decode_json(body, headers, where=where, status=status)
+        return decode_json(body, headers, where=where, status=status, secret=secret)
     if 300 <= status < 400:
         raise PPIOBadResponseError(
             f"{where}: the API answered HTTP {status} (a redirect); redirects are not followed "
@@ -250,7 +250,7 @@ def interpret_response(
     raise error_for_status(status, headers, body, where=where, secret=secret)
 
 
-def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: int) -> Any:
+def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: int, secret: str = "") -> Any:
     """
     Decode a JSON body or raise :class:`PPIOBadResponseError` saying what arrived instead.
 
@@ -258,6 +258,7 @@ def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: 
     :param headers: Response headers.
     :param where: ``METHOD path``, for messages.
     :param status: HTTP status code, for messages.
+    :param secret: The API key, scrubbed from the snippet of the body.
     """
     content_type = headers.get("Content-Type", "") or "no Content-Type"
     if not body.strip():
@@ -267,7 +268,7 @@ def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: 
     except (UnicodeDecodeError, ValueError):
         raise PPIOBadResponseError(
             f"{where}: HTTP {status} with a body that is not JSON ({content_type}): "
-            f"{_snippet(body.decode('utf-8', 'replace'))!r}",
+            f"{_snippet(scrub(body.decode('utf-8', 'replace'), secret) or '')!r}",
             status_code=status,
         ) from None
 
@@ -290,7 +291,7 @@ def error_for_status(status: int, headers: Mapping[str, str], body: bytes, *, wh
     :param where: ``METHOD path``, for messages.
     :param secret: The API key, scrubbed from the API's message.
     """
-    api_message, api_reason = parse_error_body(body)
+    api_message, api_reason = parse_error_body(body, secret)
     api_message = scrub(api_message, secret)
     api_reason = scrub(api_reason, secret)
     cls = _ERROR_CLASSES.get(status) or (PPIOServerError if status >= 500 else PPIOBadRequestError)
@@ -324,7 +325,7 @@ def _mentions_quota(*texts: str | None) -> bool:
     return any(text and "quota" in text.lower() for text in texts)
 
 
-def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
+def parse_error_body(body: bytes, secret: str = "") -> tuple[str | None, str | None]:
     """
     Find the message and reason in an error body of unknown shape.
 
@@ -332,8 +333,9 @@ def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
     ``detail``, else a snippet of the raw text.
 
     :param body: The response body.
+    :param secret: The API key, scrubbed before anything is cut short (a cut must not keep part of it).
     """
-    text = body.decode("utf-8", "replace").strip()
+    text = scrub(body.decode("utf-8", "replace").strip(), secret) or ""
     if not text:
         return None, None
     try:
@@ -345,16 +347,18 @@ def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
     error = payload.get("error")
     nested = error if isinstance(error, dict) else {}
     message = _first_text(
-        payload.get("message"), nested.get("message"), payload.get("msg"), error, payload.get("detail")
+        payload.get("message"), nested.get("message"), payload.get("msg"), error, payload.get("detail"), secret=secret
     )
-    reason = _first_text(payload.get("reason"), nested.get("code"), payload.get("code"), nested.get("type"))
+    reason = _first_text(
+        payload.get("reason"), nested.get("code"), payload.get("code"), nested.get("type"), secret=secret
+    )
     return (message or _snippet(text)), reason
 
 
-def _first_text(*candidates: Any) -> str | None:
+def _first_text(*candidates: Any, secret: str = "") -> str | None:
     for candidate in candidates:
         if isinstance(candidate, str) and candidate.strip():
-            return _snippet(candidate)
+            return _snippet(scrub(candidate, secret) or "")
         if isinstance(candidate, int) and not isinstance(candidate, bool):
             return str(candidate)
     return None

@@ -166,6 +166,13 @@ class PPIOHook(BaseHook):
         # Per-read timeouts cannot stop a server that trickles its headers; this adapter can.
         session.mount("http://", DeadlineAdapter())
         session.mount("https://", DeadlineAdapter())
+        # requests re-reads the proxy and CA-bundle variables (HTTPS_PROXY, NO_PROXY,
+        # REQUESTS_CA_BUNDLE...) from the environment on every call, a tenth of a poke's CPU: read
+        # them once per hook instead. ~/.netrc is not consulted: it would replace the API key.
+        environment = session.merge_environment_settings(self.settings.base_url, {}, None, None, None)
+        session.proxies.update(environment["proxies"])
+        session.verify = environment["verify"]
+        session.trust_env = False
         return session
 
     def request(
@@ -211,6 +218,7 @@ class PPIOHook(BaseHook):
         allow_empty: bool,
     ) -> Any:
         import requests
+        import urllib3
 
         from airflow_provider_ppio.hooks._deadline import deadline as headers_deadline
 
@@ -238,7 +246,8 @@ class PPIOHook(BaseHook):
         with response:
             try:
                 body = _read_body(response, deadline, method, path)
-            except requests.RequestException as err:
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+                # Reading the raw stream raises urllib3's errors (a reset or cut-off body), not requests'.
                 raise _transport_error(method, path, settings, err) from None
             return interpret_response(
                 method=method,
@@ -509,10 +518,11 @@ def _transport_error(method: str, path: str, settings: ClientSettings, err: Exce
     """Map a requests or httpx exception to the typed error, noting whether the request may have left."""
     import httpx
     import requests
+    import urllib3
 
     sent = True
     cls: type[PPIOTransportError] = PPIOTransportError
-    if isinstance(err, (requests.Timeout, httpx.TimeoutException)):
+    if isinstance(err, (requests.Timeout, httpx.TimeoutException, urllib3.exceptions.TimeoutError)):
         cls = PPIOTimeoutError
     if isinstance(err, (requests.ConnectTimeout, httpx.ConnectError, httpx.ConnectTimeout)) or (
         isinstance(err, requests.ConnectionError) and _never_connected(err)

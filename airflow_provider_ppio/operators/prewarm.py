@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime
+import hashlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import BaseOperator
+from airflow.providers.common.compat.sdk import (
+    AirflowException,
+    AirflowFailException,
+    BaseOperator,
+    ResumableJobMixin,
+    conf,
+)
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 
@@ -14,6 +23,7 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
     from airflow_provider_ppio.hooks.ppio import PPIOHook
+    from airflow_provider_ppio.models import Outcome, PrewarmTask
 
 
 class PPIOGetPrewarmTaskOperator(BaseOperator):
@@ -50,3 +60,567 @@ class PPIOGetPrewarmTaskOperator(BaseOperator):
         task = self.hook.get_prewarm_task(self.prewarm_task_id)
         self.log.info("Prewarm task %s: %s in %s is %s", task.task_id, task.image, task.region_id, task.status.status)
         return task.to_xcom()
+
+
+#: Stored in ``task_state_store`` (Airflow 3.3) under this key; renaming it breaks in-flight retries.
+STATE_KEY_PREWARM_TASK_ID = "ppio_prewarm_task_id"
+#: XCom keys pushed by the create operator before it waits.
+XCOM_PREWARM_TASK_ID = "prewarm_task_id"
+XCOM_PREWARM_TASK = "prewarm_task"
+#: The marker that ties a prewarm task to one Airflow task instance starts with this.
+MARKER_PREFIX = "airflow-"
+_MISSING = "<not found>"
+
+
+class PPIOCreatePrewarmTaskOperator(ResumableJobMixin, BaseOperator):
+    """
+    Start prewarming an image in a region, optionally wait until it is done; one prewarm per task instance.
+
+    The new prewarm task's id (XCom key ``prewarm_task_id``) and details (``prewarm_task``) are pushed
+    before any wait, so a teardown can clean up even when the wait fails. The return value is the
+    prewarm task as JSON: final when ``wait_for_completion`` (then outlets get asset events carrying
+    the details, see :func:`~airflow_provider_ppio.assets.attach_prewarm_asset_events`), as created
+    otherwise.
+
+    Task retries never start a second prewarm for the same task instance (dag, task, run, map index):
+
+    * On Airflow 3.3 the prewarm task id is kept in the task's durable state (``task_state_store``,
+      ``ResumableJobMixin``). A retry reconnects to a pending or running task, returns a succeeded
+      one at once, and starts a new prewarm only when the stored one failed or was deleted.
+    * On every version the note of the prewarm task carries a marker derived from the task instance
+      (``airflow-<hash>``). Before creating, the operator looks for a pending, running or succeeded
+      task with that marker, image and region and reuses it. This covers Airflow 2.11, a crash
+      between the create call and the durable write, and a create whose answer was lost (timeout,
+      reset connection, 5xx, an unreadable answer), which the hook does not resend.
+
+    Waiting uses the same decision as :class:`~airflow_provider_ppio.sensors.prewarm.PrewarmTaskSensor`:
+    ``succeeded`` ends it, ``failed`` raises ``AirflowFailException`` with the API's error, anything
+    else keeps waiting; transient API errors are logged and the wait goes on. In deferrable mode the
+    wait runs in the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`).
+    When ``timeout`` passes the task fails without retry and the prewarm is left running (delete it
+    with :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown).
+
+    :param image: Full image reference to prewarm (templated).
+    :param region_id: Target region id (templated).
+    :param product_ids: GPU products to cover; none means all products of the region (templated).
+    :param registry_auth_id: Saved registry credential id, for private images (templated).
+    :param note: Free-text note (templated); the idempotency marker is appended to it.
+    :param ppio_conn_id: The PPIO connection id (templated).
+    :param wait_for_completion: Wait until the prewarm succeeds (default) or return once it is created.
+    :param poll_interval: Seconds between two reads of the prewarm task while waiting.
+    :param timeout: Longest wait in this try, in seconds or as a ``timedelta``; None waits forever.
+    :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
+    :param reuse_existing: Look for this task instance's prewarm (by marker) before creating one.
+    """
+
+    template_fields: Sequence[str] = (
+        "image",
+        "region_id",
+        "product_ids",
+        "registry_auth_id",
+        "note",
+        "ppio_conn_id",
+    )
+    ui_color = "#e8f0fe"
+    external_id_key = STATE_KEY_PREWARM_TASK_ID
+
+    def __init__(
+        self,
+        *,
+        image: str,
+        region_id: str,
+        product_ids: Sequence[str] | None = None,
+        registry_auth_id: str | None = None,
+        note: str | None = None,
+        ppio_conn_id: str = DEFAULT_CONN_ID,
+        wait_for_completion: bool = True,
+        poll_interval: float = 30.0,
+        timeout: float | datetime.timedelta | None = datetime.timedelta(hours=6),
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        reuse_existing: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image = image
+        self.region_id = region_id
+        self.product_ids = product_ids
+        self.registry_auth_id = registry_auth_id
+        self.note = note
+        self.ppio_conn_id = ppio_conn_id
+        self.wait_for_completion = wait_for_completion
+        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
+        self.timeout = None if timeout is None else _positive_seconds("timeout", timeout)
+        self.deferrable = deferrable
+        self.reuse_existing = reuse_existing
+        if self.outlets and not wait_for_completion:
+            raise ValueError(
+                f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
+                "(an asset event means the image is prewarmed, and without waiting the task ends before that)"
+            )
+        self._reset()
+
+    def _reset(self) -> None:
+        self._task: PrewarmTask | None = None
+        self._result: dict[str, Any] | None = None
+        self._pushed_id = False
+        self._pushed_details = False
+
+    @cached_property
+    def hook(self) -> PPIOHook:
+        """The hook, built on first use so DAG parsing does no work."""
+        from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
+
+    def execute(self, context: Context) -> Any:
+        """
+        Create (or reconnect to) the prewarm task, push its id, wait if asked, return its details.
+
+        :param context: The task context.
+        """
+        self._reset()
+        return self.execute_resumable(context)
+
+    # -- ResumableJobMixin ---------------------------------------------------------------------------
+
+    def submit_job(self, context: Context) -> str:
+        """
+        Reuse this task instance's prewarm task if one is pending, running or succeeded; else create one.
+
+        :param context: The task context.
+        """
+        from airflow_provider_ppio.exceptions import (
+            PPIOBadResponseError,
+            PPIOError,
+            PPIOServerError,
+            PPIOTransportError,
+        )
+
+        marker = idempotency_marker(context)
+        if self.reuse_existing:
+            found = self._find_reusable(marker)
+            if found is not None:
+                return found
+        note = f"{self.note} {marker}" if self.note else marker
+        try:
+            task_id = self.hook.create_prewarm_task(
+                image=self.image,
+                region_id=self.region_id,
+                product_ids=self.product_ids,
+                registry_auth_id=self.registry_auth_id,
+                note=note,
+            )
+        except (PPIOTransportError, PPIOServerError, PPIOBadResponseError) as err:
+            # The create may have reached the API; the hook does not resend it. Look before failing.
+            if not self.reuse_existing or (isinstance(err, PPIOTransportError) and not err.request_sent):
+                raise
+            self.log.warning("Create answer lost (%s); looking for the task it may have created", err)
+            try:
+                found = self._find_reusable(marker)
+            except PPIOError:
+                found = None
+            if found is None:
+                raise err from None
+            return found
+        self.log.info("Created prewarm task %s: %s in region %s", task_id, self.image, self.region_id)
+        return task_id
+
+    def get_job_status(self, external_id: Any, context: Context) -> str:
+        """
+        The raw status of the stored prewarm task (Airflow 3.3, on retry).
+
+        :param external_id: The stored prewarm task id.
+        :param context: The task context.
+        """
+        from airflow_provider_ppio.exceptions import PPIONotFoundError
+
+        try:
+            task = self.hook.get_prewarm_task(str(external_id))
+        except PPIONotFoundError:
+            self.log.warning("Stored prewarm task %s no longer exists; a new one will be created", external_id)
+            return _MISSING
+        self._task = task
+        return task.status.status
+
+    def is_job_active(self, status: str) -> bool:
+        """
+        Whether a retry should reconnect to the stored task: anything not succeeded or failed.
+
+        :param status: The raw ``status.status``.
+        """
+        from airflow_provider_ppio.models import Outcome
+
+        return status != _MISSING and _outcome(status) is Outcome.WAITING
+
+    def is_job_succeeded(self, status: str) -> bool:
+        """
+        Whether the stored task already succeeded.
+
+        :param status: The raw ``status.status``.
+        """
+        from airflow_provider_ppio.models import Outcome
+
+        return status != _MISSING and _outcome(status) is Outcome.SUCCEEDED
+
+    def poll_until_complete(self, external_id: Any, context: Context) -> Any:
+        """
+        Push the id and details to XCom, then wait (unless ``wait_for_completion`` is off).
+
+        Returns the operator's result, because the mixin's reconnect path returns this method's
+        value without calling :meth:`get_job_result`.
+
+        :param external_id: The prewarm task id.
+        :param context: The task context.
+        """
+        from airflow_provider_ppio.exceptions import PPIOError
+
+        task_id = str(external_id)
+        self._push_id(task_id, context)
+        if not self.wait_for_completion:
+            self._read_and_push(task_id, context)
+            return self.get_job_result(task_id, context)
+        deadline = None if self.timeout is None else time.time() + self.timeout
+        while True:
+            try:
+                task = self._read_and_push(task_id, context)
+            except PPIOError as err:
+                if not err.transient:
+                    raise
+                self.log.warning("Could not read prewarm task %s, will try again: %s", task_id, err)
+            else:
+                if self._finished(task):
+                    return self.get_job_result(task_id, context)
+            if self.deferrable:
+                self._defer(task_id, deadline)
+            if deadline is not None and time.time() >= deadline:
+                self._timed_out(task_id)
+            wait = self.poll_interval if deadline is None else min(self.poll_interval, deadline - time.time())
+            time.sleep(max(0.0, wait))
+
+    def get_job_result(self, external_id: Any, context: Context) -> dict[str, Any]:
+        """
+        The prewarm task as JSON; on success also its asset events. Computed once per try.
+
+        :param external_id: The prewarm task id.
+        :param context: The task context.
+        """
+        if self._result is not None:
+            return self._result
+        task_id = str(external_id)
+        self._push_id(task_id, context)
+        task = self._task if self._task is not None and self._task.task_id == task_id else None
+        if task is None:
+            task = self._read_and_push(task_id, context)
+        else:
+            self._push_details(task, context)
+        return self._complete(task, context)
+
+    # -- deferrable ----------------------------------------------------------------------------------
+
+    def _defer(self, task_id: str, deadline: float | None) -> None:
+        from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, MIN_DEFERRED_POKE_INTERVAL
+        from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+        trigger = PrewarmTaskTrigger(
+            prewarm_task_id=task_id,
+            ppio_conn_id=self.ppio_conn_id,
+            poke_interval=max(self.poll_interval, MIN_DEFERRED_POKE_INTERVAL),
+            deadline=deadline,
+        )
+        # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
+        backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
+        self.defer(
+            trigger=trigger,
+            method_name="execute_complete",
+            kwargs={"prewarm_task_id": task_id},
+            timeout=None if backstop is None else datetime.timedelta(seconds=backstop),
+        )
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None, prewarm_task_id: str = ""
+    ) -> dict[str, Any]:
+        """
+        Resume after the trigger fired: the same outcome and XCom as waiting in a worker.
+
+        :param context: The task context.
+        :param event: The trigger's event payload.
+        :param prewarm_task_id: The prewarm task the trigger waited for (``defer`` kwargs; ``dags test`` on
+            Airflow 3 drops them, so the id this try pushed to XCom before deferring is the fallback).
+        """
+        self._reset()
+        ti = context["ti"]
+        expected = prewarm_task_id or ti.xcom_pull(
+            task_ids=ti.task_id, key=XCOM_PREWARM_TASK_ID, map_indexes=getattr(ti, "map_index", None)
+        )
+        task = prewarm_task_from_event(event, expected_task_id=str(expected or ""))
+        self._task = task
+        self._pushed_id = self._pushed_details = True  # before deferring; the return value is the final state
+        return self.get_job_result(task.task_id, context)
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _find_reusable(self, marker: str) -> str | None:
+        """This task instance's newest pending, running or succeeded prewarm task, by marker."""
+        from airflow_provider_ppio.models import Outcome
+
+        candidates = [
+            task
+            for task in self.hook.list_prewarm_tasks(region_id=self.region_id, name=marker)
+            if marker in task.note.split()
+            and task.image == self.image
+            and task.region_id == self.region_id
+            and task.outcome is not Outcome.FAILED
+        ]
+        if not candidates:
+            return None
+        if len(candidates) > 1:
+            self.log.warning("%d prewarm tasks carry marker %s; reusing the newest", len(candidates), marker)
+        task = max(candidates, key=lambda candidate: candidate.created_at)
+        self.log.info(
+            "Reusing prewarm task %s (%s) started by an earlier try of this task", task.task_id, task.status.status
+        )
+        self._task = task
+        return task.task_id
+
+    def _read_and_push(self, task_id: str, context: Context) -> PrewarmTask:
+        task = self.hook.get_prewarm_task(task_id)
+        self._task = task
+        self._push_details(task, context)
+        return task
+
+    def _push_id(self, task_id: str, context: Context) -> None:
+        if not self._pushed_id:
+            context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=task_id)
+            self._pushed_id = True
+
+    def _push_details(self, task: PrewarmTask, context: Context) -> None:
+        if not self._pushed_details:
+            context["ti"].xcom_push(key=XCOM_PREWARM_TASK, value=task.to_xcom())
+            self._pushed_details = True
+
+    def _finished(self, task: PrewarmTask) -> bool:
+        """The sensor's decision: True on success, AirflowFailException on failure, else keep waiting."""
+        from airflow_provider_ppio.models import Outcome
+
+        outcome = task.outcome
+        if outcome is Outcome.FAILED:
+            raise AirflowFailException(task.failure_summary())
+        if outcome is Outcome.SUCCEEDED:
+            return True
+        if task.state is None:
+            self.log.warning(
+                "Prewarm task %s has a status this provider does not know (%r); still waiting",
+                task.task_id,
+                task.status.status,
+            )
+        else:
+            self.log.info("Prewarm task %s is %s", task.task_id, task.status.status)
+        return False
+
+    def _timed_out(self, task_id: str) -> None:
+        status = self._task.status.status if self._task is not None else "unknown"
+        raise AirflowFailException(
+            f"PPIO prewarm task {task_id!r} did not finish within {self.timeout:g}s (last status: {status}); "
+            "it was left as it is: delete it with PPIODeletePrewarmTasksOperator or keep waiting with "
+            "PrewarmTaskSensor"
+        )
+
+    def _complete(self, task: PrewarmTask, context: Context) -> dict[str, Any]:
+        from airflow_provider_ppio.assets import attach_prewarm_asset_events
+        from airflow_provider_ppio.models import Outcome
+
+        details = task.to_xcom()
+        if task.outcome is Outcome.SUCCEEDED:
+            self.log.info(
+                "Prewarm task %s succeeded: %s in region %s (%s bytes)",
+                task.task_id,
+                task.image,
+                task.region_id,
+                task.image_size,
+            )
+            if self.wait_for_completion:
+                attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
+        self._result = details
+        return details
+
+
+def idempotency_marker(context: Context) -> str:
+    """
+    The token that ties a prewarm task to one task instance: the same for every try, distinct per map index.
+
+    :param context: The task context (its ``ti``: dag id, task id, run id, map index).
+    """
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    identity = f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{-1 if map_index is None else map_index}"
+    return MARKER_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask:
+    """
+    The succeeded prewarm task of a :class:`PrewarmTaskTrigger` event; raise for any other outcome.
+
+    The sensor's rules: an event for another task or of an unknown kind fails closed, an ``error``
+    raises the error class poke mode would raise, a failed task raises ``AirflowFailException``
+    with the API's reasons. A ``timeout`` raises ``AirflowFailException`` too (no retry: the
+    prewarm is left as it is).
+
+    :param event: The event payload.
+    :param expected_task_id: The prewarm task the trigger was started for.
+    """
+    from airflow_provider_ppio.models import Outcome, PrewarmTask
+    from airflow_provider_ppio.sensors.prewarm import _error_from_event
+    from airflow_provider_ppio.triggers.prewarm import EVENT_ERROR, EVENT_STATUSES, EVENT_SUCCESS, EVENT_TIMEOUT
+
+    status = event.get("status") if isinstance(event, dict) else None
+    if not isinstance(event, dict) or status not in EVENT_STATUSES or event.get("prewarm_task_id") != expected_task_id:
+        raise AirflowException(
+            f"Prewarm task {expected_task_id!r}: the trigger sent an event this operator does not understand "
+            f"(status {status!r}); failing instead of guessing"
+        )
+    message = str(event.get("message") or "")
+    if status == EVENT_TIMEOUT:
+        raise AirflowFailException(
+            f"{message or f'PPIO prewarm task {expected_task_id!r} did not finish in time'}; it was left as it is: "
+            "delete it with PPIODeletePrewarmTasksOperator or keep waiting with PrewarmTaskSensor"
+        )
+    if status == EVENT_ERROR:
+        raise _error_from_event(event, message)
+    task = PrewarmTask.from_api(event.get("task"))
+    outcome = task.outcome
+    if outcome is Outcome.FAILED:
+        raise AirflowFailException(task.failure_summary())
+    if status == EVENT_SUCCESS and outcome is Outcome.SUCCEEDED and task.task_id == expected_task_id:
+        return task
+    raise AirflowException(
+        f"Prewarm task {expected_task_id!r}: the trigger reported {status!r} for task {task.task_id!r} with "
+        f"status {task.status.status!r}; failing instead of guessing"
+    )
+
+
+class PPIODeletePrewarmTasksOperator(BaseOperator):
+    """
+    Delete prewarm tasks, e.g. as the teardown of a DAG that created them; returns the ids sent.
+
+    ``prewarm_task_ids`` takes one id, a list of ids, the details dicts pushed by the other
+    operators and the sensor (their ``task_id`` is used), or a mix, such as
+    ``create.output["prewarm_task_id"]`` of a mapped :class:`PPIOCreatePrewarmTaskOperator`. Empty
+    entries are skipped and duplicates sent once.
+
+    By default an id the API does not know is not an error (the task was cleaned up already). With
+    ``fail_on_missing=True`` every id is read first and the task fails, deleting nothing, if any is
+    unknown.
+
+    :param prewarm_task_ids: The prewarm task ids (templated).
+    :param ppio_conn_id: The PPIO connection id (templated).
+    :param fail_on_missing: Fail when an id does not exist.
+    """
+
+    template_fields: Sequence[str] = ("prewarm_task_ids", "ppio_conn_id")
+    ui_color = "#fde8e8"
+
+    def __init__(
+        self,
+        *,
+        prewarm_task_ids: Any,
+        ppio_conn_id: str = DEFAULT_CONN_ID,
+        fail_on_missing: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prewarm_task_ids = prewarm_task_ids
+        self.ppio_conn_id = ppio_conn_id
+        self.fail_on_missing = fail_on_missing
+
+    @cached_property
+    def hook(self) -> PPIOHook:
+        """The hook, built on first use so DAG parsing does no work."""
+        from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
+
+    def execute(self, context: Context) -> list[str]:
+        """
+        Delete the tasks and return their ids.
+
+        :param context: The task context.
+        """
+        from airflow_provider_ppio.exceptions import PPIONotFoundError
+
+        ids = collect_prewarm_task_ids(self.prewarm_task_ids)
+        if not ids:
+            self.log.info("No prewarm task to delete")
+            return []
+        if self.fail_on_missing:
+            missing = [task_id for task_id in ids if not self._exists(task_id)]
+            if missing:
+                raise PPIONotFoundError(f"Prewarm tasks not found, nothing deleted: {', '.join(missing)}")
+        try:
+            self.hook.delete_prewarm_tasks(ids)
+        except PPIONotFoundError:
+            if self.fail_on_missing:
+                raise
+            # The API refused the batch over an unknown id: one at a time, skipping the unknown ones.
+            self.log.info("The API does not know some of the ids; deleting them one by one")
+            deleted = []
+            for task_id in ids:
+                try:
+                    self.hook.delete_prewarm_tasks([task_id])
+                except PPIONotFoundError:
+                    self.log.info("Prewarm task %s does not exist; nothing to delete", task_id)
+                else:
+                    deleted.append(task_id)
+            ids = deleted
+        self.log.info("Deleted %d prewarm task(s): %s", len(ids), ", ".join(ids))
+        return ids
+
+    def _exists(self, task_id: str) -> bool:
+        from airflow_provider_ppio.exceptions import PPIONotFoundError
+
+        try:
+            self.hook.get_prewarm_task(task_id)
+        except PPIONotFoundError:
+            return False
+        return True
+
+
+def collect_prewarm_task_ids(value: Any) -> list[str]:
+    """
+    Flatten ids, details dicts (``task_id``) and (nested) lists of them into unique ids, in order.
+
+    :param value: What ``prewarm_task_ids`` rendered to.
+    """
+    from airflow_provider_ppio.exceptions import PPIOInvalidInputError
+
+    ids: list[str] = []
+
+    def visit(item: Any) -> None:
+        if item is None or item == "":
+            return
+        if isinstance(item, str):
+            if item not in ids:
+                ids.append(item)
+        elif isinstance(item, Mapping):
+            visit(item.get("task_id"))
+        elif isinstance(item, Iterable):
+            for element in item:
+                visit(element)
+        else:
+            raise PPIOInvalidInputError(f"prewarm_task_ids holds a {type(item).__name__}, not an id")
+
+    visit(value)
+    return ids
+
+
+def _positive_seconds(name: str, value: float | datetime.timedelta) -> float:
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(seconds)
+
+
+def _outcome(status: str) -> Outcome:
+    """The shared decision (``models.decide``) for a raw status string."""
+    from airflow_provider_ppio.models import PrewarmTask, PrewarmTaskStatus, decide
+
+    return decide(PrewarmTask.model_construct(task_id="", status=PrewarmTaskStatus.model_construct(status=status)))

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator, PokeReturnValue
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
+    from airflow_provider_ppio.exceptions import PPIOError
     from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import PrewarmTask
+
+#: Deferred polls are at least this far apart, whatever ``poke_interval`` says (no hot loop in the triggerer).
+MIN_DEFERRED_POKE_INTERVAL = 1.0
+#: Seconds after the sensor's timeout at which Airflow itself ends a deferral the trigger did not end.
+DEFERRAL_TIMEOUT_GRACE = 60.0
 
 
 class PrewarmTaskSensor(BaseSensorOperator):
@@ -29,17 +36,33 @@ class PrewarmTaskSensor(BaseSensorOperator):
     hook's retries is logged and the sensor keeps waiting, within its ``timeout``; permanent errors
     (bad key, unknown task, unusable answers) fail the task at once.
 
+    With ``deferrable=True`` the sensor pokes once and, if the prewarm is not finished, hands the
+    wait to the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`),
+    freeing its worker slot. The trigger polls every ``poke_interval`` and stops at the sensor's
+    ``timeout`` with :class:`AirflowSensorTimeout` (a skip with ``soft_fail``); the outcome, the
+    XCom and the errors are the same as in poke mode.
+
     :param prewarm_task_id: Id of the prewarm task to wait for (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
+    :param deferrable: Wait in the triggerer instead of a worker slot; defaults to
+        ``[operators] default_deferrable``.
     """
 
     template_fields: Sequence[str] = ("prewarm_task_id", "ppio_conn_id")
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, prewarm_task_id: str, ppio_conn_id: str = DEFAULT_CONN_ID, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        prewarm_task_id: str,
+        ppio_conn_id: str = DEFAULT_CONN_ID,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
+        self.deferrable = deferrable
 
     @cached_property
     def hook(self) -> PPIOHook:
@@ -47,6 +70,83 @@ class PrewarmTaskSensor(BaseSensorOperator):
         from airflow_provider_ppio.hooks.ppio import PPIOHook
 
         return PPIOHook(ppio_conn_id=self.ppio_conn_id)
+
+    def execute(self, context: Context) -> Any:
+        """
+        Wait for the prewarm in this worker slot or, if ``deferrable``, poke once and then defer.
+
+        :param context: The task context.
+        """
+        if not self.deferrable:
+            return super().execute(context)
+        deadline = time.time() + self.timeout
+        answer = self._first_poke(context)
+        if answer:
+            return answer.xcom_value if isinstance(answer, PokeReturnValue) else None
+        from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+        trigger = PrewarmTaskTrigger(
+            prewarm_task_id=self.prewarm_task_id,
+            ppio_conn_id=self.ppio_conn_id,
+            poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
+            deadline=deadline,
+        )
+        # The trigger ends the wait itself at the deadline; Airflow's deferral timeout, a little later,
+        # is only the backstop for a triggerer that is down.
+        backstop = max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
+        self.defer(trigger=trigger, method_name="execute_complete", timeout=datetime.timedelta(seconds=backstop))
+
+    def _first_poke(self, context: Context) -> PokeReturnValue | bool:
+        """The poke before deferring, with ``soft_fail`` applied as ``BaseSensorOperator.execute`` does."""
+        from airflow.providers.common.compat.sdk import AirflowSkipException
+
+        try:
+            return self.poke(context)
+        except AirflowFailException as err:
+            if self.soft_fail or getattr(self, "never_fail", False):
+                raise AirflowSkipException(f"Skipping due to soft_fail: {err}") from err
+            raise
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        """
+        Finish a deferred wait from the trigger's event; anything unexpected fails the task.
+
+        Success returns the same XCom as poke mode; a failed prewarm raises the same
+        ``AirflowFailException``; a timeout raises ``AirflowSensorTimeout``; a permanent API error
+        raises the same error class as in poke mode.
+
+        :param context: The task context.
+        :param event: The payload of the trigger's event.
+        """
+        from airflow.providers.common.compat.sdk import AirflowException, AirflowSensorTimeout
+
+        from airflow_provider_ppio.models import PrewarmTask
+        from airflow_provider_ppio.triggers.prewarm import (
+            EVENT_ERROR,
+            EVENT_STATUSES,
+            EVENT_SUCCESS,
+            EVENT_TIMEOUT,
+        )
+
+        status = event.get("status") if isinstance(event, dict) else None
+        if event is None or status not in EVENT_STATUSES or event.get("prewarm_task_id") != self.prewarm_task_id:
+            raise AirflowException(
+                f"Prewarm task {self.prewarm_task_id!r}: the trigger sent an event this sensor does not "
+                f"understand (status {status!r}); failing instead of guessing"
+            )
+        message = str(event.get("message") or "")
+        if status == EVENT_TIMEOUT:
+            raise AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
+        if status == EVENT_ERROR:
+            raise _error_from_event(event, message)
+        task = PrewarmTask.from_api(event.get("task"))
+        answer = self.judge(task)  # the poke mode's decision: raises AirflowFailException on a failed task
+        if status == EVENT_SUCCESS and isinstance(answer, PokeReturnValue) and answer.is_done:
+            return answer.xcom_value
+        raise AirflowException(
+            f"Prewarm task {self.prewarm_task_id!r}: the trigger reported {status!r} but the task it "
+            f"sent has status {task.status.status!r}; failing instead of guessing"
+        )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """
@@ -98,6 +198,19 @@ class PrewarmTaskSensor(BaseSensorOperator):
             _age(task),
         )
         return False
+
+
+def _error_from_event(event: dict[str, Any], message: str) -> PPIOError:
+    """The error an ``error`` event stands for, as the same class poke mode raises when it is one of ours."""
+    from airflow_provider_ppio import exceptions
+
+    cls = getattr(exceptions, str(event.get("error_type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, exceptions.PPIOError)):
+        cls = exceptions.PPIOError
+    error = cls(message or f"Could not wait for prewarm task {event.get('prewarm_task_id')!r}")
+    http_status = event.get("http_status")
+    error.http_status = http_status if isinstance(http_status, int) else None
+    return error
 
 
 def _age(task: PrewarmTask) -> str:

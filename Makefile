@@ -1,0 +1,54 @@
+# Everything starts from python3 alone: each target builds (or reuses) the venvs it needs under .venvs/.
+#
+#   make demo      gated deployment DAG, run end to end against the offline PPIO emulator (Airflow 3.3)
+#   make test      lint + mypy, then the whole test suite on Airflow 2.11 and on Airflow 3.3
+#
+# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | clean.
+# Extra pytest arguments: make test-af3 PYTEST_ARGS="-k sensor -x".
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENVS ?= $(CURDIR)/.venvs
+PYTEST_ARGS ?=
+export PYTHON VENVS PYTEST_ARGS
+
+AF2 := $(VENVS)/af2/bin
+AF3 := $(VENVS)/af3/bin
+
+.PHONY: help demo test venvs venv-af2 venv-af3 lint format test-af2 test-af3 e2e clean
+
+help:
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+
+venv-af2:
+	@scripts/bootstrap.sh af2
+
+venv-af3:
+	@scripts/bootstrap.sh af3
+
+venvs: venv-af2 venv-af3
+
+demo: venv-af3
+	@$(AF3)/python scripts/demo.py
+
+test: venv-af2 venv-af3
+	@scripts/test.sh all
+
+lint: venv-af3
+	@scripts/test.sh lint
+
+format: venv-af3
+	$(AF3)/ruff format .
+	$(AF3)/ruff check --fix .
+
+test-af2: venv-af2
+	@scripts/test.sh af2
+
+test-af3: venv-af3
+	@scripts/test.sh af3
+
+e2e: venv-af2 venv-af3
+	@PYTEST_ARGS="-m e2e $(PYTEST_ARGS)" scripts/test.sh af2 af3
+
+clean:
+	rm -rf $(VENVS) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,200 @@
+"""
+``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer.
+
+Thousands of these share one event loop, so each one is cheap: one hook and one connection
+lookup per wait, polls through the process-wide shared HTTP client (one bounded connection pool
+per base URL and key), the hook's retry policy with backoff on transient errors, and nothing but
+primitives in :meth:`PrewarmTaskTrigger.serialize`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
+
+if TYPE_CHECKING:
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+    from airflow_provider_ppio.models import PrewarmTask
+
+#: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
+EVENT_SUCCESS: Final = "success"
+#: The prewarm task failed; the event carries ``error``, ``message``, ``reason`` and ``task``.
+EVENT_FAILED: Final = "failed"
+#: The sensor's timeout passed while the task was still running.
+EVENT_TIMEOUT: Final = "timeout"
+#: A permanent error (bad key, unknown task, unusable answer, broken connection settings).
+EVENT_ERROR: Final = "error"
+#: Every event this trigger can fire; anything else is refused by the sensor.
+EVENT_STATUSES: Final = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
+
+#: Each wait lasts ``poke_interval`` times a factor drawn from this range, so triggers deferred at
+#: the same moment spread their polls out instead of hitting the API in lockstep.
+_JITTER: Final = (0.9, 1.1)
+
+
+class PrewarmTaskTrigger(BaseTrigger):
+    """
+    Poll a prewarm task until it succeeds, fails, or the deadline passes; fire one event.
+
+    Events (``event["status"]``): ``success`` (with ``task``), ``failed`` (with ``error``,
+    ``message``, ``reason`` and ``task``), ``timeout`` and ``error`` (with ``message`` and
+    ``error_type``). Transient API errors (network, 429, 5xx) are retried with backoff by the hook;
+    if they outlast its attempts the trigger waits one ``poke_interval`` and asks again. Unknown
+    statuses keep it waiting.
+
+    :param prewarm_task_id: Id of the prewarm task to wait for.
+    :param ppio_conn_id: The PPIO connection id.
+    :param poke_interval: Seconds between two polls.
+    :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
+    """
+
+    def __init__(
+        self,
+        *,
+        prewarm_task_id: str,
+        ppio_conn_id: str = DEFAULT_CONN_ID,
+        poke_interval: float = 60.0,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        from airflow_provider_ppio.exceptions import PPIOInvalidInputError
+        from airflow_provider_ppio.hooks._protocol import prewarm_task_path
+
+        prewarm_task_path(prewarm_task_id)  # refuse a bad id here, not in the triggerer
+        if isinstance(poke_interval, bool) or not isinstance(poke_interval, int | float) or not poke_interval > 0:
+            raise PPIOInvalidInputError(f"poke_interval must be a positive number of seconds, got {poke_interval!r}")
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not math.isfinite(deadline)
+        ):
+            raise PPIOInvalidInputError(f"deadline must be a Unix time in seconds or None, got {deadline!r}")
+        self.prewarm_task_id = prewarm_task_id
+        self.ppio_conn_id = ppio_conn_id
+        self.poke_interval = float(poke_interval)
+        self.deadline = None if deadline is None else float(deadline)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "prewarm_task_id": self.prewarm_task_id,
+                "ppio_conn_id": self.ppio_conn_id,
+                "poke_interval": self.poke_interval,
+                "deadline": self.deadline,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Wait, then fire exactly one event."""
+        payload = await self.wait()
+        yield TriggerEvent(payload)  # type: ignore[no-untyped-call]
+
+    async def wait(self) -> dict[str, Any]:
+        """
+        Poll until the wait ends and return the event payload.
+
+        The shared HTTP client is leased for the whole wait (so polls reuse its connections) and
+        released before the event is fired, also when the trigger is cancelled.
+        """
+        from airflow.providers.common.compat.sdk import AirflowException
+
+        from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS
+        from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id)
+        try:
+            settings = await hook.aget_settings()
+        except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
+            return self._error_event(err)
+        async with SHARED_ASYNC_CLIENTS.lease(settings):
+            last_status: str | None = None
+            while True:
+                await asyncio.sleep(self._next_wait())
+                # When many waits poll at once, they queue here, cheaply, not inside the client.
+                async with SHARED_ASYNC_CLIENTS.turn(settings):
+                    payload, last_status = await self._poll(hook, last_status)
+                if payload is not None:
+                    return payload
+                if self.deadline is not None and time.time() >= self.deadline:
+                    return self._event(
+                        EVENT_TIMEOUT,
+                        f"PPIO prewarm task {self.prewarm_task_id!r} did not finish before the sensor's "
+                        f"timeout (last status: {last_status or 'unknown'})",
+                        last_status=last_status,
+                    )
+
+    def _next_wait(self) -> float:
+        wait = self.poke_interval * random.uniform(*_JITTER)
+        if self.deadline is not None:
+            # A last poll right at the deadline: a task that finished just in time is not a timeout.
+            wait = min(wait, max(0.0, self.deadline - time.time()))
+        return wait
+
+    async def _poll(self, hook: PPIOHook, last_status: str | None) -> tuple[dict[str, Any] | None, str | None]:
+        """One read of the task: the event payload if the wait is over, and the status seen."""
+        from airflow_provider_ppio.exceptions import PPIOError
+        from airflow_provider_ppio.models import Outcome
+
+        try:
+            task = await hook.aget_prewarm_task(self.prewarm_task_id)
+        except PPIOError as err:
+            if not err.transient:
+                return self._error_event(err), last_status
+            self.log.warning(
+                "Could not read prewarm task %s, will try again in about %.0fs: %s",
+                self.prewarm_task_id,
+                self.poke_interval,
+                err,
+            )
+            return None, last_status
+        outcome = task.outcome
+        if outcome is Outcome.SUCCEEDED:
+            return self._event(EVENT_SUCCESS, f"PPIO prewarm task {task.task_id!r} succeeded", task=task), None
+        if outcome is Outcome.FAILED:
+            return self._failed_event(task), None
+        status = task.status.status
+        if status != last_status:  # one line per change, not per poll: thousands of waits share a log
+            self._log_waiting(task)
+        return None, status
+
+    def _log_waiting(self, task: PrewarmTask) -> None:
+        if task.state is None:
+            self.log.warning(
+                "Prewarm task %s has a status this provider does not know (%r); still waiting",
+                task.task_id,
+                task.status.status,
+            )
+        else:
+            self.log.info(
+                "Prewarm task %s is %s; polling every %gs", task.task_id, task.status.status, self.poke_interval
+            )
+
+    def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
+        payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
+        if task is not None:
+            payload["task"] = task.to_xcom()
+        payload.update(fields)
+        return payload
+
+    def _failed_event(self, task: PrewarmTask) -> dict[str, Any]:
+        payload = self._event(EVENT_FAILED, task.status.message, task=task)
+        payload.update(error=task.status.error, reason=task.reasons, summary=task.failure_summary())
+        return payload
+
+    def _error_event(self, err: Exception) -> dict[str, Any]:
+        from airflow_provider_ppio.exceptions import PPIOError
+
+        return self._event(
+            EVENT_ERROR,
+            str(err),
+            error_type=type(err).__name__,
+            http_status=err.http_status if isinstance(err, PPIOError) else None,
+        )

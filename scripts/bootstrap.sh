@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Create or refresh one of the project's virtualenvs from nothing but python3.
+#
+#   scripts/bootstrap.sh af3     # Airflow 3.3 + test deps + lint tools (ruff, mypy, schemathesis)
+#   scripts/bootstrap.sh af2     # Airflow 2.11 + test deps
+#
+# A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
+# Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
+# installed and the script returns at once. Environment: VENVS (default .venvs), PYTHON (default python3).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENVS=${VENVS:-$ROOT/.venvs}
+PYTHON=${PYTHON:-python3}
+UV_VERSION=0.13.9
+AIRFLOW_2=2.11.2
+AIRFLOW_3=3.3.2
+
+name=${1:?usage: scripts/bootstrap.sh af2|af3}
+case "$name" in
+    af2) airflow="apache-airflow==$AIRFLOW_2"; constraints=requirements/constraints-airflow-2.11.txt
+         reqs=(requirements/test.txt) ;;
+    af3) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
+         reqs=(requirements/test.txt requirements/lint.txt) ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2 or af3)" >&2; exit 2 ;;
+esac
+
+say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "bootstrap: '$PYTHON' not found; install Python 3.11 or 3.12 (or set PYTHON=/path/to/python3)" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))'; then
+    echo "bootstrap: $("$PYTHON" -V 2>&1) is not supported here; Airflow 2.11 and 3.3 both need Python 3.11 or 3.12" >&2
+    exit 1
+fi
+interpreter=$("$PYTHON" -c 'import sys; print(sys.executable)')
+
+export UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
+
+# The tools venv: only uv. Several bootstraps may run at once (make -j), so it is built under a lock.
+tools=$VENVS/tools
+mkdir -p "$VENVS"
+(
+    flock 9
+    if ! "$tools/bin/uv" --version 2>/dev/null | grep -q " $UV_VERSION"; then
+        say "creating $tools with uv $UV_VERSION"
+        [ -x "$tools/bin/python" ] || "$PYTHON" -m venv "$tools"
+        # Some machines point pip at extra local indexes; their "is ignored" warnings are noise here.
+        "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
+            2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    fi
+) 9>"$VENVS/.tools.lock"
+uv=$tools/bin/uv
+
+venv=$VENVS/$name
+stamp_file=$venv/.bootstrap-stamp
+stamp=$(
+    {
+        echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION"
+        cat scripts/bootstrap.sh pyproject.toml "$constraints" "${reqs[@]}"
+    } | sha256sum | cut -d' ' -f1
+)
+if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
+    say "up to date ($venv)"
+    exit 0
+fi
+
+start=$SECONDS
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv"
+    "$uv" venv --quiet --python "$interpreter" "$venv"
+fi
+say "installing $airflow, test dependencies and the project (editable, [emulator])"
+req_args=()
+for req in "${reqs[@]}"; do req_args+=(-r "$req"); done
+"$uv" pip install --quiet --python "$venv/bin/python" --constraint "$constraints" \
+    "$airflow" "${req_args[@]}" -e ".[emulator]"
+
+# Fail here, not in the middle of a test run, if the venv cannot import what the tests need.
+PYTHONWARNINGS=ignore "$venv/bin/python" - "$airflow" <<'EOF'
+import sys
+
+import airflow
+import airflow_provider_ppio.testing.emulator  # noqa: F401 - needs the [emulator] extra
+from airflow.providers.common.compat.sdk import BaseSensorOperator  # noqa: F401
+
+wanted = sys.argv[1].split("==")[1]
+if airflow.__version__ != wanted:
+    sys.exit(f"bootstrap: expected Airflow {wanted}, the venv has {airflow.__version__}")
+EOF
+echo "$stamp" >"$stamp_file"
+say "ready in $((SECONDS - start))s ($venv)"

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Run the project's checks; `make test` calls `scripts/test.sh all`.
+#
+#   scripts/test.sh all        lint, then pytest on Airflow 3.3 and on Airflow 2.11
+#   scripts/test.sh lint       ruff check, ruff format --check, mypy --strict (Airflow 3.3 venv)
+#   scripts/test.sh af2 af3    pytest on the named lines only
+#
+# Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
+# when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
+# come from PYTEST_ARGS. The venvs must exist (make venvs).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+VENVS=${VENVS:-$PWD/.venvs}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+[ $# -gt 0 ] || set -- all
+[ "$1" = all ] && set -- lint af3 af2
+
+logs=$(mktemp -d "${TMPDIR:-/tmp}/ppio-test.XXXXXX")
+trap 'rm -rf "$logs"' EXIT
+summary=()
+failed=0
+total_passed=0
+total_failed=0
+total_skipped=0
+ran_pytest=0
+started=$SECONDS
+
+record() {  # record <ok|FAIL> <what> <detail>
+    summary+=("$(printf '%-4s  %-34s %s' "$1" "$2" "$3")")
+    [ "$1" = ok ] || failed=1
+}
+
+check() {  # check <label> <command...>: one lint step
+    local label=$1 step_start=$SECONDS
+    shift
+    echo "==> $label"
+    if "$@"; then
+        record ok "$label" "($((SECONDS - step_start))s)"
+    else
+        record FAIL "$label" "($((SECONDS - step_start))s)"
+    fi
+}
+
+lint() {
+    local bin=$VENVS/af3/bin
+    check "ruff check" "$bin/ruff" check .
+    check "ruff format --check" "$bin/ruff" format --check .
+    check "mypy --strict (package)" "$bin/mypy"
+}
+
+count() {  # count <word> <pytest closing line>: the number before "<word>", 0 if absent
+    local n
+    n=$(grep -oE "[0-9]+ $1" <<<"$2" | head -1 | cut -d' ' -f1)
+    echo "${n:-0}"
+}
+
+pytest_line() {  # pytest_line af2|af3
+    local name=$1 bin=$VENVS/$1/bin version home log rc closing
+    version=$("$bin/python" -c 'import importlib.metadata as m; print(m.version("apache-airflow"))') || {
+        record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs)"
+        return
+    }
+    # A throwaway AIRFLOW_HOME so nothing lands in ~/airflow; tests that need their own make their own.
+    home=$(mktemp -d "$logs/airflow-home-$name.XXXXXX")
+    log=$logs/pytest-$name.log
+    ran_pytest=1
+    echo "==> pytest on Airflow $version ($name)"
+    # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words on purpose
+    AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
+        "$bin/python" -m pytest -ra -p no:cacheprovider $PYTEST_ARGS 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    closing=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
+    total_passed=$((total_passed + $(count passed "$closing")))
+    total_failed=$((total_failed + $(count failed "$closing") + $(count error "$closing")))
+    total_skipped=$((total_skipped + $(count skipped "$closing")))
+    local label="pytest on Airflow $version"
+    case $rc in
+        0) record ok "$label" "$closing" ;;
+        5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected}" ;;
+        *) record FAIL "$label" "exit code $rc: ${closing:-no summary line}" ;;
+    esac
+}
+
+for step in "$@"; do
+    case $step in
+        lint) lint ;;
+        af2 | af3) pytest_line "$step" ;;
+        *) echo "test.sh: unknown step '$step' (expected all, lint, af2 or af3)" >&2; exit 2 ;;
+    esac
+done
+
+echo
+echo "==================== summary ($((SECONDS - started))s) ===================="
+printf '%s\n' "${summary[@]}"
+# One plain closing line over the Airflow lines that ran.
+if [ $ran_pytest -eq 1 ]; then
+    echo "total: $total_passed passed, $total_failed failed, $total_skipped skipped"
+fi
+if [ $failed -ne 0 ]; then
+    echo "RESULT: FAILED"
+    exit 1
+fi
+echo "RESULT: OK"

@@ -1,0 +1,71 @@
+"""
+Smoke runs of the benchmark scripts in tiny configurations: they run end to end and print their tables.
+
+No timing is asserted (the figures live in docs/benchmarks.md); only what the scripts prove about
+behaviour, such as the sensor reusing its connection between pokes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> str:
+    """Run ``benchmarks/<name>`` with this interpreter and return its stdout (fails on a non-zero exit)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_row(output: str, first_cell: str) -> list[str]:
+    """The cells of the Markdown table row whose first cell is ``first_cell`` (the first such row)."""
+    match = re.search(rf"^\| {re.escape(first_cell)} \|(.*)\|$", output, re.MULTILINE)
+    assert match, f"no row {first_cell!r} in:\n{output}"
+    return [cell.strip() for cell in match.group(1).split("|")]
+
+
+def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
+    output = run_script(
+        "poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1"
+    )
+
+    assert "### Server: minimal" in output and "### Server: emulator" in output
+    for contender in ("ppio", "ppio cold", "http", "floor", "floor cold"):
+        cpu_us, wall_us = table_row(output, contender)[:2]
+        assert float(cpu_us) > 0 and float(wall_us) > 0
+    # Counted by the server: the sensor keeps its connection between pokes, HttpSensor connects every time.
+    assert table_row(output, "ppio")[-1] == "0.00"
+    assert table_row(output, "ppio cold")[-1] == "1.00"
+    assert table_row(output, "http")[-1] == "1.00"
+    assert "Targets: ppio/http <= 0.6" in output
+
+
+def test_parse_cost_measures_both_sensor_modules_in_fresh_processes() -> None:
+    output = run_script("parse_cost.py", "--processes", "1", "--kinds", "module", "--no-importtime")
+
+    ours = table_row(output, "sensor module: ppio")
+    http = table_row(output, "sensor module: http")
+    assert float(ours[0]) > 0 and float(http[0]) > 0
+    # The sensor module must not drag requests, httpx or pydantic models into a DAG parse.
+    assert int(ours[2]) < int(http[2])
+
+
+@pytest.mark.skipif(not (BENCHMARKS / "triggerer_scale.py").exists(), reason="no triggerer benchmark yet")
+def test_triggerer_scale_runs_both_triggers() -> None:
+    output = run_script("triggerer_scale.py", "--counts", "5", "--repeats", "1", "--interval", "0.2", "--rounds", "1")
+
+    assert "PrewarmTaskTrigger" in output and "HttpSensorTrigger" in output

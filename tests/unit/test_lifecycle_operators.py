@@ -1,0 +1,809 @@
+"""
+The create and delete operators and the prewarm assets, against a small stateful API on requests-mock.
+
+Crash-then-retry tests run ``execute`` twice with the same task state store, the way Airflow runs a retried
+task instance: a first try that dies mid-wait, then a second one that must not start a second prewarm.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+import requests_mock as rm
+from airflow import __version__ as AIRFLOW_VERSION
+from packaging.version import Version
+
+from airflow_provider_ppio.assets import (
+    attach_prewarm_asset_events,
+    normalize_prewarm_asset_uri,
+    parse_prewarm_asset_uri,
+    prewarm_asset,
+    prewarm_asset_extra,
+    prewarm_asset_uri,
+)
+from airflow_provider_ppio.exceptions import (
+    PPIOAuthError,
+    PPIOInvalidInputError,
+    PPIONotFoundError,
+    PPIOQuotaExceededError,
+)
+from airflow_provider_ppio.operators import prewarm as prewarm_module
+from airflow_provider_ppio.operators.prewarm import (
+    STATE_KEY_PREWARM_TASK_ID,
+    XCOM_PREWARM_TASK,
+    XCOM_PREWARM_TASK_ID,
+    PPIOCreatePrewarmTaskOperator,
+    PPIODeletePrewarmTasksOperator,
+    collect_prewarm_task_ids,
+    idempotency_marker,
+)
+from tests.conftest import task_json
+
+AF33 = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3")
+needs_durable_state = pytest.mark.skipif(not AF33, reason="task_state_store arrived in Airflow 3.3")
+
+TASKS = "https://api.ppio.test/gpus/v2/prewarm-tasks"
+ONE_TASK = re.compile(re.escape(TASKS) + r"/(?P<id>[^/?]+)$")
+IMAGE = "registry.example.com/team/llama:1.0"
+REGION = "us-east-1"
+
+
+# -- a stateful API, a task instance, a clock ----------------------------------------------------------
+
+
+class FakeAPI:
+    """
+    Just enough of the prewarm API for the operators: each created task walks through ``script``.
+
+    :param m: The requests-mock mocker to register on.
+    """
+
+    def __init__(self, m: rm.Mocker) -> None:
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.scripts: dict[str, list[str]] = {}
+        self.script = ["pending", "running", "succeeded"]
+        self.creates = 0
+        self.lists = 0
+        self.reads: list[str] = []
+        self.deleted: list[str] = []
+        self.fail_reads: list[int] = []  # HTTP statuses to answer the next reads with
+        self.lose_create_answer = ""  # "timeout" or "502": the task is created, the answer lost
+        self.on_read: Callable[[str], None] | None = None
+        m.post(TASKS, json=self._create)
+        m.get(TASKS, json=self._list)
+        m.get(ONE_TASK, json=self._get)
+        m.delete(TASKS, json=self._delete)
+
+    def add(self, task_id: str, status: str, **fields: Any) -> dict[str, Any]:
+        task = task_json(task_id, status, **{"image": IMAGE, "region_id": REGION, **fields})
+        task["created_at"] = fields.get("created_at", 1_767_225_600 + len(self.tasks))
+        self.tasks[task_id] = task
+        self.scripts[task_id] = [status]
+        return task
+
+    def _create(self, request: Any, context: Any) -> dict[str, Any]:
+        body = request.json()
+        self.creates += 1
+        task_id = f"pw-{self.creates}"
+        self.add(task_id, self.script[0], **body)
+        self.scripts[task_id] = list(self.script)
+        if self.lose_create_answer == "timeout":
+            self.lose_create_answer = ""
+            raise requests.exceptions.ReadTimeout("the answer got lost")
+        if self.lose_create_answer == "502":
+            self.lose_create_answer = ""
+            context.status_code = 502
+            return {"message": "bad gateway"}
+        return {"task_id": task_id}
+
+    def _list(self, request: Any, context: Any) -> dict[str, Any]:
+        self.lists += 1
+        name = request.qs.get("name", [""])[0].lower()
+        region = request.qs.get("region_id", [""])[0].lower()
+        data = [
+            t
+            for t in self.tasks.values()
+            if (not region or t["region_id"].lower() == region)
+            and (not name or any(name in str(t[f]).lower() for f in ("name", "image", "note")))
+        ]
+        return {"data": data, "next_cursor": "", "has_more": False}
+
+    def _get(self, request: Any, context: Any) -> dict[str, Any]:
+        task_id = ONE_TASK.match(request.url).group("id")  # type: ignore[union-attr]
+        self.reads.append(task_id)
+        if self.on_read is not None:
+            self.on_read(task_id)
+        if self.fail_reads:
+            context.status_code = self.fail_reads.pop(0)
+            return {"message": "trouble"}
+        if task_id not in self.tasks:
+            context.status_code = 404
+            return {"message": "not found"}
+        script = self.scripts[task_id]
+        status = script.pop(0) if len(script) > 1 else script[0]
+        task = self.tasks[task_id]
+        task["status"] = {"status": status, "error": "", "message": ""}
+        if status == "failed":
+            task["status"].update(error="ImagePullFailed", message="manifest unknown")
+            task["reason"] = ["tag does not exist"]
+        if status == "succeeded":
+            task["completed_at"] = task["created_at"] + 60
+        return task
+
+    def _delete(self, request: Any, context: Any) -> dict[str, Any]:
+        for task_id in request.json()["task_ids"]:
+            if self.tasks.pop(task_id, None) is not None:
+                self.deleted.append(task_id)
+        return {}
+
+
+class FakeTI:
+    """The task instance attributes and XCom calls the operators use."""
+
+    def __init__(self, run_id: str = "manual__1", map_index: int = -1, task_id: str = "prewarm") -> None:
+        self.dag_id = "lifecycle"
+        self.task_id = task_id
+        self.run_id = run_id
+        self.map_index = map_index
+        self.try_number = 1
+        self.stats_tags: dict[str, str] = {}
+        self.xcoms: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcoms[key] = value
+
+    def xcom_pull(self, task_ids: str, key: str, map_indexes: int | None = None) -> Any:
+        assert (task_ids, map_indexes) == (self.task_id, self.map_index), "only its own XComs"
+        return self.xcoms.get(key)
+
+
+class StateStore:
+    """``context["task_state_store"]`` of one task instance: survives retries, unlike the operator."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any, **kwargs: Any) -> None:
+        self.values[key] = value
+
+
+class Crash(BaseException):
+    """The worker dying: not an Exception, so nothing in the operator can swallow it."""
+
+
+class Clock:
+    """Replaces the operator module's ``time``: sleeping advances the clock, and may crash the worker."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.sleeps: list[float] = []
+        self.crash_on_sleep: int | None = None
+        self.on_sleep: Callable[[], None] | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep()
+        if self.crash_on_sleep is not None and len(self.sleeps) >= self.crash_on_sleep:
+            self.crash_on_sleep = None
+            raise Crash
+        self.now += seconds
+
+
+@pytest.fixture
+def api(ppio_conn: str, requests_mock: rm.Mocker) -> FakeAPI:
+    return FakeAPI(requests_mock)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(prewarm_module, "time", fake)
+    return fake
+
+
+def outlet_events() -> Any:
+    if Version(AIRFLOW_VERSION).major >= 3:
+        from airflow.sdk.execution_time.context import OutletEventAccessors
+    else:
+        from airflow.utils.context import OutletEventAccessors
+    return OutletEventAccessors()
+
+
+def make_context(ti: FakeTI | None = None, store: StateStore | None = None) -> dict[str, Any]:
+    context: dict[str, Any] = {"ti": ti or FakeTI(), "outlet_events": outlet_events()}
+    if store is not None:
+        context["task_state_store"] = store
+    return context
+
+
+def create_op(**kwargs: Any) -> PPIOCreatePrewarmTaskOperator:
+    defaults: dict[str, Any] = {
+        "task_id": "prewarm",
+        "image": IMAGE,
+        "region_id": REGION,
+        "poll_interval": 10,
+        "deferrable": False,
+    }
+    return PPIOCreatePrewarmTaskOperator(**{**defaults, **kwargs})
+
+
+def run_to_crash(op: PPIOCreatePrewarmTaskOperator, context: dict[str, Any], clock: Clock) -> None:
+    """The first try: dies at its first wait."""
+    clock.crash_on_sleep = 1
+    with pytest.raises(Crash):
+        op.execute(context)
+
+
+# -- create: the happy paths ---------------------------------------------------------------------------
+
+
+def test_create_waits_and_returns_the_succeeded_task(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    op = create_op(product_ids=["gpu-4090"], registry_auth_id="auth-1", note="for llama")
+
+    result = op.execute(make_context(ti))
+
+    assert api.creates == 1
+    created = api.tasks["pw-1"]
+    assert created["product_ids"] == ["gpu-4090"]
+    assert created["registry_auth_id"] == "auth-1"
+    assert created["note"] == f"for llama {idempotency_marker({'ti': ti})}"
+    assert result["task_id"] == "pw-1"
+    assert result["status"]["status"] == "succeeded"
+    assert result["completed_at"] > 0
+    assert clock.sleeps == [10, 10]  # pending, running, then succeeded
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+
+
+def test_create_pushes_id_and_details_before_waiting(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    seen_at_first_wait: dict[str, Any] = {}
+    clock.on_sleep = lambda: seen_at_first_wait.update(ti.xcoms) if not seen_at_first_wait else None
+
+    create_op().execute(make_context(ti))
+
+    assert seen_at_first_wait[XCOM_PREWARM_TASK_ID] == "pw-1"
+    assert seen_at_first_wait[XCOM_PREWARM_TASK]["task_id"] == "pw-1"
+    assert seen_at_first_wait[XCOM_PREWARM_TASK]["status"]["status"] == "pending"
+
+
+def test_create_without_waiting_returns_the_new_task(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+
+    result = create_op(wait_for_completion=False).execute(make_context(ti))
+
+    assert result["task_id"] == "pw-1"
+    assert result["status"]["status"] == "pending"
+    assert clock.sleeps == []
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+    assert ti.xcoms[XCOM_PREWARM_TASK] == result
+
+
+def test_failed_prewarm_fails_the_task_with_the_api_reasons(api: FakeAPI, clock: Clock) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    api.script = ["running", "failed"]
+
+    with pytest.raises(AirflowFailException, match=r"ImagePullFailed.*manifest unknown.*tag does not exist"):
+        create_op().execute(make_context())
+
+
+def test_transient_read_errors_keep_the_wait_going(api: FakeAPI, clock: Clock) -> None:
+    api.script = ["running", "succeeded"]
+    api.fail_reads = [503] * 5  # outlasts the hook's 5 attempts once
+
+    result = create_op().execute(make_context())
+
+    assert result["status"]["status"] == "succeeded"
+    assert api.creates == 1
+
+
+def test_permanent_read_errors_fail_the_task(api: FakeAPI, clock: Clock) -> None:
+    api.fail_reads = [401]
+
+    with pytest.raises(PPIOAuthError):
+        create_op().execute(make_context())
+
+
+def test_unknown_status_keeps_waiting(api: FakeAPI, clock: Clock) -> None:
+    api.script = ["queued-for-node", "succeeded"]
+
+    result = create_op().execute(make_context())
+
+    assert result["status"]["status"] == "succeeded"
+    assert len(clock.sleeps) == 1
+
+
+def test_timeout_fails_the_task_and_leaves_the_prewarm(api: FakeAPI, clock: Clock) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException
+
+    api.script = ["running"]
+
+    with pytest.raises(AirflowFailException, match=r"did not finish within 25s.*running"):
+        create_op(timeout=datetime.timedelta(seconds=25)).execute(make_context())
+    assert sum(clock.sleeps) == pytest.approx(25)
+    assert api.deleted == []
+    assert "pw-1" in api.tasks
+
+
+def test_quota_error_reaches_the_user(requests_mock: rm.Mocker, ppio_conn: str, clock: Clock) -> None:
+    requests_mock.get(TASKS, json={"data": [], "next_cursor": "", "has_more": False})
+    requests_mock.post(TASKS, status_code=400, json={"message": "prewarm task quota exceeded"})
+
+    with pytest.raises(PPIOQuotaExceededError, match="5 by default"):
+        create_op().execute(make_context())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"poll_interval": 0}, {"poll_interval": -1}, {"timeout": 0}, {"timeout": datetime.timedelta(0)}],
+)
+def test_create_rejects_non_positive_intervals(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        create_op(**kwargs)
+
+
+def test_outlets_need_wait_for_completion() -> None:
+    with pytest.raises(ValueError, match="wait_for_completion"):
+        create_op(wait_for_completion=False, outlets=[prewarm_asset(REGION, IMAGE)])
+
+
+# -- create: idempotency across task retries ------------------------------------------------------------
+
+
+@needs_durable_state
+def test_retry_after_crash_reconnects_through_the_durable_state(api: FakeAPI, clock: Clock) -> None:
+    store, ti = StateStore(), FakeTI()
+    run_to_crash(create_op(), make_context(ti, store), clock)
+    assert store.values == {STATE_KEY_PREWARM_TASK_ID: "pw-1"}
+    lists_before = api.lists
+
+    result = create_op().execute(make_context(ti, store))  # the retry: a fresh operator, the same store
+
+    assert api.creates == 1
+    assert api.lists == lists_before  # reconnected by id, no lookup
+    assert result["task_id"] == "pw-1"
+    assert result["status"]["status"] == "succeeded"
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+
+
+@needs_durable_state
+def test_retry_after_success_returns_at_once(api: FakeAPI, clock: Clock) -> None:
+    store, ti = StateStore(), FakeTI()
+    api.add("pw-done", "succeeded", completed_at=1_767_225_700)
+    store.set(STATE_KEY_PREWARM_TASK_ID, "pw-done")
+
+    result = create_op().execute(make_context(ti, store))
+
+    assert result["task_id"] == "pw-done"
+    assert api.creates == 0
+    assert clock.sleeps == []
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-done"
+    assert ti.xcoms[XCOM_PREWARM_TASK]["status"]["status"] == "succeeded"
+
+
+@needs_durable_state
+@pytest.mark.parametrize("stored", ["failed", "deleted"])
+def test_retry_after_a_failed_or_deleted_prewarm_starts_a_new_one(api: FakeAPI, clock: Clock, stored: str) -> None:
+    store = StateStore()
+    store.set(STATE_KEY_PREWARM_TASK_ID, "pw-old")
+    if stored == "failed":
+        api.add("pw-old", "failed")
+
+    result = create_op().execute(make_context(FakeTI(), store))
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+    assert store.values[STATE_KEY_PREWARM_TASK_ID] == "pw-1"
+
+
+def test_retry_after_crash_without_durable_state_finds_the_task_by_marker(api: FakeAPI, clock: Clock) -> None:
+    # No task_state_store in the context: Airflow 2.11 (and 3.x before 3.3) runs the operator like this.
+    ti = FakeTI()
+    run_to_crash(create_op(), make_context(ti), clock)
+    ti.try_number = 2
+
+    result = create_op().execute(make_context(ti))
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+    assert result["status"]["status"] == "succeeded"
+
+
+@pytest.mark.filterwarnings("ignore:`durable` has no effect")
+def test_non_durable_operator_also_reuses_by_marker(api: FakeAPI, clock: Clock) -> None:
+    store, ti = StateStore(), FakeTI()
+    run_to_crash(create_op(), make_context(ti, store), clock)
+
+    result = create_op(durable=False).execute(make_context(ti, store))
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+
+
+def test_a_failed_earlier_prewarm_is_not_reused(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    api.add("pw-failed", "failed", note=idempotency_marker({"ti": ti}))
+
+    result = create_op().execute(make_context(ti))
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+
+
+def test_a_prewarm_of_another_image_or_task_instance_is_not_reused(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    marker = idempotency_marker({"ti": ti})
+    api.add("pw-other-image", "running", note=marker, image="registry.example.com/other:2")
+    api.add("pw-other-run", "running", note=idempotency_marker({"ti": FakeTI(run_id="manual__2")}))
+
+    result = create_op().execute(make_context(ti))
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+
+
+def test_reuse_can_be_turned_off(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    api.add("pw-mine", "running", note=idempotency_marker({"ti": ti}))
+
+    create_op(reuse_existing=False).execute(make_context(ti))
+
+    assert api.creates == 1
+    assert api.lists == 0
+
+
+@pytest.mark.parametrize("how", ["timeout", "502"])
+def test_a_lost_create_answer_is_recovered_without_a_second_create(api: FakeAPI, clock: Clock, how: str) -> None:
+    api.lose_create_answer = how
+
+    result = create_op().execute(make_context())
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+
+
+def test_a_lost_create_answer_without_a_task_raises_the_create_error(
+    requests_mock: rm.Mocker, ppio_conn: str, clock: Clock
+) -> None:
+    from airflow_provider_ppio.exceptions import PPIOServerError
+
+    requests_mock.get(TASKS, json={"data": [], "next_cursor": "", "has_more": False})
+    requests_mock.post(TASKS, status_code=503, json={"message": "unavailable"})
+
+    with pytest.raises(PPIOServerError, match="503"):
+        create_op().execute(make_context())
+    assert len([r for r in requests_mock.request_history if r.method == "POST"]) == 1
+
+
+def test_markers_differ_per_map_index_and_run_but_not_per_try() -> None:
+    first = idempotency_marker({"ti": FakeTI()})
+    retry = FakeTI()
+    retry.try_number = 3
+
+    assert idempotency_marker({"ti": retry}) == first
+    assert idempotency_marker({"ti": FakeTI(map_index=0)}) != first
+    assert idempotency_marker({"ti": FakeTI(map_index=0)}) != idempotency_marker({"ti": FakeTI(map_index=1)})
+    assert idempotency_marker({"ti": FakeTI(run_id="manual__2")}) != first
+    assert idempotency_marker({"ti": FakeTI(task_id="other")}) != first
+    assert re.fullmatch(r"airflow-[0-9a-f]{24}", first)
+
+
+def test_mapped_regions_each_get_their_own_prewarm_across_retries(api: FakeAPI, clock: Clock) -> None:
+    regions = ["region-a", "region-b", "region-c"]
+    for index, region in enumerate(regions):
+        ti = FakeTI(map_index=index)
+        run_to_crash(create_op(region_id=region), make_context(ti), clock)
+        create_op(region_id=region).execute(make_context(ti))
+
+    assert api.creates == 3
+    assert sorted(t["region_id"] for t in api.tasks.values()) == regions
+
+
+# -- create: deferrable ----------------------------------------------------------------------------------
+
+
+def test_deferrable_create_defers_to_the_trigger_after_pushing_the_id(api: FakeAPI, clock: Clock) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+    ti = FakeTI()
+    with pytest.raises(TaskDeferred) as deferred:
+        create_op(deferrable=True, poll_interval=15, timeout=600).execute(make_context(ti))
+
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, PrewarmTaskTrigger)
+    assert trigger.prewarm_task_id == "pw-1"
+    assert trigger.poke_interval == 15
+    assert trigger.deadline == pytest.approx(clock.now + 600)
+    assert deferred.value.method_name == "execute_complete"
+    assert deferred.value.kwargs == {"prewarm_task_id": "pw-1"}
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+    assert clock.sleeps == []
+
+
+def test_deferrable_create_does_not_defer_when_already_done(api: FakeAPI, clock: Clock) -> None:
+    api.script = ["succeeded"]
+
+    result = create_op(deferrable=True).execute(make_context())
+
+    assert result["status"]["status"] == "succeeded"
+
+
+def test_deferrable_create_defers_on_transient_trouble(api: FakeAPI, clock: Clock) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    api.fail_reads = [503] * 5
+
+    with pytest.raises(TaskDeferred):
+        create_op(deferrable=True).execute(make_context())
+    assert clock.sleeps == []
+
+
+def success_event(task_id: str = "pw-1", **fields: Any) -> dict[str, Any]:
+    task = task_json(task_id, "succeeded", image=IMAGE, region_id=REGION, completed_at=1_767_225_700, **fields)
+    return {"status": "success", "prewarm_task_id": task_id, "message": "ok", "task": task}
+
+
+def test_execute_complete_returns_the_task_and_emits_asset_events() -> None:
+    from airflow.providers.common.compat.sdk import AssetAlias
+
+    alias = AssetAlias(name="ppio-prewarm")
+    asset = prewarm_asset(REGION, IMAGE)
+    op = create_op(deferrable=True, outlets=[asset, alias])
+    context = make_context()
+
+    result = op.execute_complete(context, success_event(), prewarm_task_id="pw-1")
+
+    assert result["task_id"] == "pw-1"
+    assert context["outlet_events"][asset].extra["task_id"] == "pw-1"
+    alias_events = _alias_events(context["outlet_events"][alias])
+    assert len(alias_events) == 1
+    assert _alias_extra(alias_events[0])["completed_at"] == 1_767_225_700
+
+
+def test_execute_complete_without_defer_kwargs_checks_the_id_pushed_before_deferring() -> None:
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    ti = FakeTI()
+    ti.xcoms[XCOM_PREWARM_TASK_ID] = "pw-1"
+    op = create_op(deferrable=True)
+
+    assert op.execute_complete(make_context(ti), success_event())["task_id"] == "pw-1"
+    with pytest.raises(AirflowException, match="does not understand"):
+        op.execute_complete(make_context(ti), success_event("pw-2"))
+
+
+def failed_event() -> dict[str, Any]:
+    task = task_json("pw-1", "failed", error="ImagePullFailed", message="manifest unknown", reason=["no such tag"])
+    return {"status": "failed", "prewarm_task_id": "pw-1", "message": "manifest unknown", "task": task}
+
+
+@pytest.mark.parametrize(
+    ("event", "error", "match"),
+    [
+        (failed_event(), "fail", "ImagePullFailed.*no such tag"),
+        ({"status": "timeout", "prewarm_task_id": "pw-1", "message": "did not finish"}, "fail", "left as it is"),
+        (
+            {"status": "error", "prewarm_task_id": "pw-1", "message": "HTTP 401", "error_type": "PPIOAuthError"},
+            "auth",
+            "401",
+        ),
+        ({"status": "weird", "prewarm_task_id": "pw-1"}, "airflow", "does not understand"),
+        (None, "airflow", "does not understand"),
+        ({**success_event(), "prewarm_task_id": "pw-other"}, "airflow", "does not understand"),
+        (success_event("pw-other") | {"prewarm_task_id": "pw-1"}, "airflow", "'pw-other'"),
+        ({**success_event(), "task": task_json("pw-1", "running")}, "airflow", "'running'"),
+        ({**success_event(), "task": {"no": "id"}}, "bad", "task_id"),
+    ],
+    ids=["failed", "timeout", "error", "unknown", "none", "other-id", "other-task", "not-done", "bad-task"],
+)
+def test_execute_complete_fails_closed(event: Any, error: str, match: str) -> None:
+    from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
+
+    from airflow_provider_ppio.exceptions import PPIOBadResponseError
+
+    expected = {
+        "fail": AirflowFailException,
+        "auth": PPIOAuthError,
+        "airflow": AirflowException,
+        "bad": PPIOBadResponseError,
+    }[error]
+    op = create_op(deferrable=True)
+    with pytest.raises(expected, match=match):
+        op.execute_complete(make_context(), event, prewarm_task_id="pw-1")
+
+
+# -- delete ----------------------------------------------------------------------------------------------
+
+
+def delete_op(ids: Any, **kwargs: Any) -> PPIODeletePrewarmTasksOperator:
+    return PPIODeletePrewarmTasksOperator(task_id="cleanup", prewarm_task_ids=ids, **kwargs)
+
+
+def test_delete_takes_ids_and_details_in_any_mix(api: FakeAPI, requests_mock: rm.Mocker) -> None:
+    for task_id in ("pw-a", "pw-b", "pw-c"):
+        api.add(task_id, "succeeded")
+
+    deleted = delete_op(["pw-a", {"task_id": "pw-b"}, None, "", ["pw-c", "pw-a"]]).execute(make_context())
+
+    assert deleted == ["pw-a", "pw-b", "pw-c"]
+    assert api.deleted == ["pw-a", "pw-b", "pw-c"]
+    deletes = [r for r in requests_mock.request_history if r.method == "DELETE"]
+    assert [r.json() for r in deletes] == [{"task_ids": ["pw-a", "pw-b", "pw-c"]}]
+
+
+def test_delete_of_nothing_calls_nothing(api: FakeAPI, requests_mock: rm.Mocker) -> None:
+    assert delete_op([]).execute(make_context()) == []
+    assert delete_op(None).execute(make_context()) == []
+    assert requests_mock.call_count == 0
+
+
+def test_unknown_ids_the_api_refuses_are_skipped(ppio_conn: str, requests_mock: rm.Mocker) -> None:
+    known = {"pw-a", "pw-c"}
+
+    def answer(request: Any, context: Any) -> dict[str, Any]:
+        if set(request.json()["task_ids"]) - known:
+            context.status_code = 404
+            return {"message": "prewarm task not found"}
+        return {}
+
+    requests_mock.delete(TASKS, json=answer)
+
+    assert delete_op(["pw-a", "pw-gone", "pw-c"]).execute(make_context()) == ["pw-a", "pw-c"]
+
+
+def test_fail_on_missing_deletes_nothing_when_an_id_is_unknown(api: FakeAPI) -> None:
+    api.add("pw-a", "succeeded")
+
+    with pytest.raises(PPIONotFoundError, match="pw-gone"):
+        delete_op(["pw-a", "pw-gone"], fail_on_missing=True).execute(make_context())
+    assert api.deleted == []
+
+
+def test_fail_on_missing_deletes_when_all_exist(api: FakeAPI) -> None:
+    api.add("pw-a", "running")
+
+    assert delete_op("pw-a", fail_on_missing=True).execute(make_context()) == ["pw-a"]
+    assert api.deleted == ["pw-a"]
+
+
+def test_delete_rejects_values_that_are_not_ids() -> None:
+    with pytest.raises(PPIOInvalidInputError, match="int"):
+        collect_prewarm_task_ids(["pw-a", 42])
+
+
+def test_delete_works_as_a_teardown() -> None:
+    op = delete_op(["pw-a"]).as_teardown()
+    assert op.is_teardown
+
+
+# -- assets ----------------------------------------------------------------------------------------------
+
+
+def test_asset_uri_convention() -> None:
+    assert prewarm_asset_uri("region-a", IMAGE) == f"ppio://prewarm/region-a/{IMAGE}"
+    digest = "registry.example.com/team/llama@sha256:" + "a" * 64
+    assert prewarm_asset_uri("region-a", digest) == f"ppio://prewarm/region-a/{digest}"
+    assert prewarm_asset_uri("eu/west 1", IMAGE) == f"ppio://prewarm/eu%2Fwest%201/{IMAGE}"
+    assert parse_prewarm_asset_uri(prewarm_asset_uri("eu/west 1", digest)) == ("eu/west 1", digest)
+    assert parse_prewarm_asset_uri("s3://bucket/key") is None
+    assert parse_prewarm_asset_uri("ppio://prewarm/region-only") is None
+
+
+@pytest.mark.parametrize(("region", "image"), [("", IMAGE), ("region-a", ""), ("region-a", "x" * 1500)])
+def test_asset_uri_rejects_missing_parts(region: str, image: str) -> None:
+    with pytest.raises(PPIOInvalidInputError):
+        prewarm_asset_uri(region, image)
+
+
+def test_prewarm_asset_is_an_airflow_asset_with_the_uri() -> None:
+    asset = prewarm_asset("region-a", IMAGE)
+    assert asset.uri == f"ppio://prewarm/region-a/{IMAGE}"
+
+
+def test_the_registered_uri_handler_normalizes_and_validates() -> None:
+    from urllib.parse import urlsplit
+
+    assert normalize_prewarm_asset_uri(urlsplit(f"ppio://PREWARM/region-a/{IMAGE}")).geturl() == (
+        f"ppio://prewarm/region-a/{IMAGE}"
+    )
+    with pytest.raises(ValueError, match="not a PPIO prewarm asset URI"):
+        normalize_prewarm_asset_uri(urlsplit("ppio://instances/region-a"))
+
+
+def test_provider_info_registers_the_scheme_for_assets_and_datasets() -> None:
+    from airflow_provider_ppio.get_provider_info import get_provider_info
+
+    info = get_provider_info()
+    handler = "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"
+    assert info["asset-uris"] == [{"schemes": ["ppio"], "handler": handler}]
+    assert info["dataset-uris"] == info["asset-uris"]
+
+
+def test_asset_extra_carries_the_prewarm_details() -> None:
+    details = task_json("pw-1", "succeeded", image=IMAGE, region_id=REGION, completed_at=1_767_225_700)
+
+    extra = prewarm_asset_extra(details)
+
+    assert extra == {
+        "task_id": "pw-1",
+        "image": IMAGE,
+        "region_id": REGION,
+        "image_size": 123456789,
+        "completed_at": 1_767_225_700,
+        "completed_at_iso": "2026-01-01T00:01:40+00:00",
+    }
+    # Airflow 2.11 hashes the extra of dataset alias events: every value must be hashable.
+    hash(frozenset(extra.items()))  # TypeError on a list or dict value
+
+
+def test_attach_puts_details_on_own_assets_and_aliases_only() -> None:
+    from airflow.providers.common.compat.sdk import Asset, AssetAlias
+
+    own = prewarm_asset(REGION, IMAGE)
+    other_region = prewarm_asset("eu-west-1", IMAGE)
+    plain = Asset(uri="s3://models/llama-ready")
+    alias = AssetAlias(name="ppio-prewarm")
+    context = make_context()
+    details = task_json("pw-1", "succeeded", image=IMAGE, region_id=REGION, completed_at=1_767_225_700)
+
+    attached = attach_prewarm_asset_events(context, [own, other_region, plain, alias, "not-an-asset"], details)
+
+    events = context["outlet_events"]
+    assert events[own].extra["task_id"] == "pw-1"
+    assert events[plain].extra["region_id"] == REGION
+    assert events[other_region].extra == {}
+    alias_events = _alias_events(events[alias])
+    assert len(alias_events) == 1
+    assert _alias_target_uri(alias_events[0]) == own.uri
+    assert _alias_extra(alias_events[0])["image"] == IMAGE
+    assert len(attached) == 3
+
+
+def test_attach_without_outlets_does_nothing() -> None:
+    context = make_context()
+    assert attach_prewarm_asset_events(context, [], task_json()) == []
+    assert attach_prewarm_asset_events({}, [prewarm_asset(REGION, IMAGE)], task_json()) == []
+
+
+def test_create_attaches_asset_events_only_on_success(api: FakeAPI, clock: Clock) -> None:
+    from airflow.providers.common.compat.sdk import AirflowFailException, AssetAlias
+
+    alias = AssetAlias(name="ppio-prewarm")
+    context = make_context()
+    create_op(outlets=[alias]).execute(context)
+    assert len(_alias_events(context["outlet_events"][alias])) == 1
+
+    api.script = ["failed"]
+    failed_context = make_context(FakeTI(run_id="manual__2"))
+    with pytest.raises(AirflowFailException):
+        create_op(outlets=[alias]).execute(failed_context)
+    assert _alias_events(failed_context["outlet_events"][alias]) == []
+
+
+def _alias_events(accessor: Any) -> list[Any]:
+    events = accessor.asset_alias_events if hasattr(accessor, "asset_alias_events") else accessor.dataset_alias_events
+    return list(events)
+
+
+def _alias_target_uri(event: Any) -> str:
+    # Airflow 3: an attrs object with dest_asset_key; Airflow 2: a TypedDict with dest_dataset_uri.
+    return str(event["dest_dataset_uri"] if isinstance(event, dict) else event.dest_asset_key.uri)
+
+
+def _alias_extra(event: Any) -> dict[str, Any]:
+    return dict(event["extra"] if isinstance(event, dict) else event.extra)
