@@ -11,18 +11,26 @@ a triggerer does); the driver measures it from outside, so measuring costs the w
 * most open sockets (``/proc/<pid>/fd`` entries that are sockets, sampled every 0.25 s);
 * events lost: waits that did not fire exactly one event saying "done" once the server says so.
 
-Server: a bare asyncio HTTP/1.1 keep-alive server in its own process, not the emulator: the
-emulator (FastAPI on uvicorn's h11 parser, one thread) answers a few hundred requests a second on
-this machine, too few for 10,000 waits polling every few seconds, so it would measure the emulator
-and not the triggers. This server sends the JSON the emulator renders for a running prewarm task
-(``_common.TASK_BODY``), and the succeeded one after ``/_release``; for ``HttpSensorTrigger``
-(which fires on the first non-404 answer) it answers 404 until ``/_release`` and 200 after.
+Server: a bare asyncio HTTP/1.1 keep-alive server in its own process (HTTPS with a self-signed
+certificate for 127.0.0.1 that both clients trust through ``SSL_CERT_FILE``, or plain HTTP), not the
+emulator, for two reasons: the real PPIO API is HTTPS-only and the emulator serves plain HTTP only,
+and the emulator (FastAPI on uvicorn, in its own process) tops out near 1,200 requests a second on
+this 2-core machine, spending a whole core on it, where this server answers the same JSON at about
+4,900 a second (both measured with 100 concurrent aiohttp clients). On a 2-core box, a server
+busy at 500 polls a second would take the CPU the measured worker needs. This server sends the
+JSON the emulator renders for a running prewarm task (``_common.TASK_BODY``), and the succeeded one
+after ``/_release``; for ``HttpSensorTrigger`` (which fires on the first non-404 answer) it answers
+404 until ``/_release`` and 200 after.
+
+Both triggers poll every ``poke_interval`` (N / 500 seconds, at least 5: about 500 polls a second
+in all), each (scheme, N, trigger) runs ``--repeats`` times in alternating order, and the table has
+the medians.
 
 Usage::
 
-    .venvs/af3/bin/python benchmarks/triggerer_scale.py                   # 1,000 and 10,000, 3 repeats
-    .venvs/af3/bin/python benchmarks/triggerer_scale.py --counts 1000 --repeats 1
-    .venvs/af3/bin/python benchmarks/triggerer_scale.py --write-docs      # also update docs/benchmarks.md
+    .venvs/af3/bin/python benchmarks/triggerer_scale.py               # https and http, 1,000 and 10,000, 3 runs each
+    .venvs/af3/bin/python benchmarks/triggerer_scale.py --counts 1000 --schemes https --repeats 1   # a quick look
+    .venvs/af3/bin/python benchmarks/triggerer_scale.py --write-docs  # also update docs/benchmarks.md
 """
 
 from __future__ import annotations

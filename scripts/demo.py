@@ -244,7 +244,7 @@ def run_demo(workdir: Path) -> list[str]:
     api_key = "sk_demo_" + secrets.token_hex(12)
     with emulator(api_key) as base_url:
         say(f"{stamp()} PPIO emulator listening on {base_url} (ppio-emulator; a random API key for this run)")
-        say(f"{stamp()} AIRFLOW_CONN_PPIO_DEFAULT -> {base_url}; SQLite metadata database in {workdir}")
+        say(f"{stamp()} AIRFLOW_CONN_PPIO_DEFAULT -> {base_url}; throwaway AIRFLOW_HOMEs (SQLite) in {workdir}")
         template = workdir / "template"
         migrate_db(template)
         say(f"{stamp()} airflow db migrate done")

@@ -23,11 +23,13 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_ppio.hooks._protocol import ClientSettings
 
 if TYPE_CHECKING:
+    from http.cookiejar import CookieJar
+
     import httpx
 
 #: Most connections one shared client opens to the API; requests beyond it queue for a free one.
@@ -120,6 +122,7 @@ class AsyncClientPool:
         return httpx.AsyncClient(
             timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
             transport=_laned_transport_class()(new_lane, self.max_connections),
+            cookies=_no_cookies_class()(),  # bearer auth only: no state shared between the client's users
             follow_redirects=False,
             # The proxy is read above, so every request goes through the gate; and ~/.netrc is not
             # consulted, as it would replace the API key.
@@ -130,6 +133,23 @@ class AsyncClientPool:
         """How many shared clients are open, across loops (for tests and benchmarks)."""
         with self._lock:
             return sum(len(clients) for clients in self._by_loop.values())
+
+
+@functools.cache
+def _no_cookies_class() -> type[CookieJar]:
+    """Build the class on first use (``http.cookiejar`` pulls in ``http.client``)."""
+    from http.cookiejar import CookieJar
+
+    class NoCookies(CookieJar):
+        """A cookie jar that never stores or sends a cookie (and skips the work per request)."""
+
+        def extract_cookies(self, response: Any, request: Any) -> None:
+            """Keep no cookie."""
+
+        def add_cookie_header(self, request: Any) -> None:
+            """Send no cookie."""
+
+    return NoCookies
 
 
 @functools.lru_cache(maxsize=64)

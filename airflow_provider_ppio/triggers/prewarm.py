@@ -94,15 +94,16 @@ class PrewarmTaskTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Wait, then fire exactly one event."""
-        payload = await self.wait()
+        payload = await self._wait()
         yield TriggerEvent(payload)  # type: ignore[no-untyped-call]
 
-    async def wait(self) -> dict[str, Any]:
+    async def _wait(self) -> dict[str, Any]:
         """
         Poll until the wait ends and return the event payload.
 
         The shared HTTP client is leased for the whole wait (so polls reuse its connections) and
-        released before the event is fired, also when the trigger is cancelled.
+        released before the event is fired, or when the trigger is cancelled: nothing is left for
+        ``cleanup`` to close.
         """
         from airflow.providers.common.compat.sdk import AirflowException
 
@@ -149,7 +150,7 @@ class PrewarmTaskTrigger(BaseTrigger):
             if not err.transient:
                 return self._error_event(err), last_status
             self.log.warning(
-                "Could not read prewarm task %s, will try again in about %.0fs: %s",
+                "Could not read prewarm task %s, will try again in about %gs: %s",
                 self.prewarm_task_id,
                 self.poke_interval,
                 err,
