@@ -47,7 +47,10 @@ mkdir -p "$VENVS"
     flock 9
     if ! "$tools/bin/uv" --version 2>/dev/null | grep -q " $UV_VERSION"; then
         say "creating $tools with uv $UV_VERSION"
-        [ -x "$tools/bin/python" ] || "$PYTHON" -m venv "$tools"
+        if [ ! -x "$tools/bin/pip" ] && ! "$PYTHON" -m venv "$tools"; then
+            echo "bootstrap: '$PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+            exit 1
+        fi
         # Some machines point pip at extra local indexes; their "is ignored" warnings are noise here.
         "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
             2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)

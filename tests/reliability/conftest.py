@@ -34,6 +34,10 @@ def rel_emulator_session() -> Iterator[EmulatorServer]:
     """One emulator for the suite, accepting only :data:`matrix.API_KEY`."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
+    # Import what the paths use up front, so the first case's time measures the call, not the imports.
+    import airflow_provider_ppio.hooks.ppio
+    import airflow_provider_ppio.sensors.prewarm
+    import airflow_provider_ppio.triggers.prewarm  # noqa: F401
     from airflow_provider_ppio.testing.emulator import EmulatorConfig
     from airflow_provider_ppio.testing.server import EmulatorServer
 
@@ -59,7 +63,6 @@ def matrix_results() -> Iterator[list[dict[str, Any]]]:
     if not rows or os.environ.get("PPIO_RELIABILITY_REPORT", "") in ("", "0"):
         return
     from airflow import __version__ as airflow_version
-
     from matrix_report import update_doc
 
     RESULTS.mkdir(exist_ok=True)

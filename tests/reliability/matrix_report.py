@@ -56,7 +56,7 @@ def render(reports: list[dict[str, Any]]) -> str:
         scenarios = len({row["scenario"] for row in rows})
         slowest = max(rows, key=lambda row: row["seconds"])
         lines.append(
-            f"- **Airflow {report['airflow']}** (Python {report['python']}): {scenarios} scenarios × 3 paths = "
+            f"- **Airflow {report['airflow']}** (Python {report['python']}): {scenarios} scenarios x 3 paths = "
             f"{len(rows)} cases; **{len(rows) - wrong} expected = measured, {wrong} wrong, {hangs} hangs**; "
             f"slowest case {slowest['seconds']:.2f} s ({slowest['scenario']} via {slowest['path']})."
         )
@@ -67,7 +67,9 @@ def render(reports: list[dict[str, Any]]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     by_version = [{(row["scenario"], row["path"]): row for row in report["rows"]} for report in reports]
-    ordered = sorted({(row["index"], row["path_index"], row["scenario"], row["path"]) for r in reports for row in r["rows"]})
+    ordered = sorted(
+        {(row["index"], row["path_index"], row["scenario"], row["path"]) for r in reports for row in r["rows"]}
+    )
     number = 0
     previous = None
     for _, _, name, path in ordered:

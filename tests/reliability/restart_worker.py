@@ -21,7 +21,6 @@ import runpy
 import sys
 from typing import Any
 
-
 #: Marks this script's lines in the output (Airflow may log to stdout too).
 MARK = "@@ "
 
@@ -57,7 +56,7 @@ def poke(dag_file: str, task_id: str) -> None:
 
 
 if __name__ == "__main__":
-    import airflow_provider_ppio.sensors.prewarm  # noqa: F401
+    import airflow_provider_ppio.sensors.prewarm
     import airflow_provider_ppio.triggers.prewarm  # noqa: F401
 
     emit(ready=True)

@@ -28,9 +28,7 @@ def test_fault_scenario(
         rel_emulator.control.seed_task(
             task_id=TASK_ID, state=scenario.state, image="registry.example.com/acme/llm-server:1.4"
         )
-    arena = Arena(
-        rel_emulator, lambda conn: monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", conn), scenario.extra
-    )
+    arena = Arena(rel_emulator, lambda conn: monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", conn), scenario.extra)
     try:
         scenario.arrange(arena)
         measured = measure(scenario, path, arena)

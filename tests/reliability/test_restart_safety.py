@@ -168,9 +168,7 @@ def test_a_trigger_killed_mid_wait_is_rebuilt_from_serialize_in_a_new_process_an
 
 
 @pytest.mark.integration
-def test_a_reschedule_mode_sensor_survives_a_worker_restart_between_pokes(
-    rel_emulator: Any, worker: Any
-) -> None:
+def test_a_reschedule_mode_sensor_survives_a_worker_restart_between_pokes(rel_emulator: Any, worker: Any) -> None:
     task_id = "pwt-restart-sensor"  # the DAG file's prewarm_task_id
     rel_emulator.control.seed_task(task_id=task_id, state="running")
     first = worker("poke", str(DAG_FILE), "wait_for_prewarm")

@@ -29,9 +29,7 @@ PIECE = 8
 
 def key_pieces(text: str) -> list[str]:
     """Every piece (>= :data:`PIECE` characters) of the key found in ``text``."""
-    return sorted(
-        {API_KEY[i : i + PIECE] for i in range(len(API_KEY) - PIECE + 1) if API_KEY[i : i + PIECE] in text}
-    )
+    return sorted({API_KEY[i : i + PIECE] for i in range(len(API_KEY) - PIECE + 1) if API_KEY[i : i + PIECE] in text})
 
 
 def error_texts(err: BaseException) -> str:
@@ -99,8 +97,8 @@ def run_paths() -> dict[str, str]:
     return shown
 
 
-# The key echoed back at the start, where truncation cuts it (~200 characters) and far beyond.
-_PADS = [0, 180, 190, 400]
+# The key echoed back at the start of the text, and where the ~200-character snippet of a message cuts it.
+_PADS = [0, 170]
 _ECHOES: list[tuple[str, int, Callable[[str], dict[str, Any]]]] = [
     ("200-text", 200, lambda text: {"body": f"Authorization: Bearer {text}", "content_type": "text/plain"}),
     ("200-html", 200, lambda text: {"body": f"<html><body>{text}</body></html>", "content_type": "text/html"}),

@@ -41,7 +41,9 @@ def test_the_key_appears_nowhere_after_poke_and_deferred_runs_that_succeed_and_f
 ) -> None:
     emulator = ppio_emulator_factory(api_key=API_KEY)
     control = emulator.control
-    ids = {f"{mode}_{ending}": f"pwt-{mode}-{ending}" for mode in ("poke", "deferred") for ending in ("success", "failure")}
+    ids = {
+        f"{mode}_{ending}": f"pwt-{mode}-{ending}" for mode in ("poke", "deferred") for ending in ("success", "failure")
+    }
     control.seed_task(task_id=ids["poke_success"], state="succeeded")
     control.seed_task(task_id=ids["poke_failure"], state="failed", message="pull failed: manifest unknown")
     for name in ("deferred_success", "deferred_failure"):

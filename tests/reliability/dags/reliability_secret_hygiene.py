@@ -20,9 +20,7 @@ with DAG(
     schedule=None,
     start_date=datetime.datetime(2026, 1, 1),
     catchup=False,
-    params={
-        f"{mode}_{ending}": Param(f"pwt-{mode}-{ending}", type="string") for mode in MODES for ending in ENDINGS
-    },
+    params={f"{mode}_{ending}": Param(f"pwt-{mode}-{ending}", type="string") for mode in MODES for ending in ENDINGS},
 ) as dag:
     for mode, deferrable in MODES.items():
         for ending in ENDINGS:
