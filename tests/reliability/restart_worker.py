@@ -41,7 +41,8 @@ async def run_trigger(classpath: str, kwargs: dict[str, Any]) -> None:
         await trigger.cleanup()
 
 
-def poke(dag_file: str, task_id: str) -> None:
+def poke_once(dag_file: str, task_id: str) -> dict[str, Any]:
+    """Load the DAG file the way a fresh worker does and poke the sensor once; the result as a dict."""
     from airflow.providers.common.compat.sdk import PokeReturnValue
 
     dag = next(value for value in runpy.run_path(dag_file).values() if type(value).__name__ == "DAG")
@@ -49,10 +50,9 @@ def poke(dag_file: str, task_id: str) -> None:
     try:
         answer = sensor.poke({})
     except Exception as err:
-        emit(error=type(err).__name__, message=str(err), mode=sensor.mode)
-        return
+        return {"error": type(err).__name__, "message": str(err), "mode": sensor.mode}
     value = answer.xcom_value if isinstance(answer, PokeReturnValue) else answer
-    emit(poke=value, mode=sensor.mode)
+    return {"poke": value, "mode": sensor.mode}
 
 
 if __name__ == "__main__":
@@ -64,4 +64,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "trigger":
         asyncio.run(run_trigger(sys.argv[2], json.loads(sys.argv[3])))
     else:
-        poke(sys.argv[2], sys.argv[3])
+        emit(**poke_once(sys.argv[2], sys.argv[3]))
