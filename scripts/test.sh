@@ -7,14 +7,16 @@
 #
 # Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
 # when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
-# come from PYTEST_ARGS; PYTEST_TIMEOUT (default 600) bounds each test. The venvs must exist (make venvs).
+# come from PYTEST_ARGS. The venvs must exist (make venvs).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 VENVS=${VENVS:-$PWD/.venvs}
 PYTEST_ARGS=${PYTEST_ARGS:-}
-# A hung test fails after this many seconds instead of eating CI's time budget.
-PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-600}
+# A hung test fails after PYTEST_TIMEOUT seconds, a whole Airflow line after PYTEST_LINE_TIMEOUT, so that a hang
+# cannot eat CI's 90 minutes and the summary still gets printed.
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300}
+PYTEST_LINE_TIMEOUT=${PYTEST_LINE_TIMEOUT:-1800}
 [ $# -gt 0 ] || set -- all
 [ "$1" = all ] && set -- lint af3 af2
 
@@ -70,6 +72,7 @@ pytest_line() {  # pytest_line af2|af3
     echo "==> pytest on Airflow $version ($name)"
     # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words on purpose
     AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
+        timeout --foreground --kill-after=30 "$PYTEST_LINE_TIMEOUT" \
         "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" $PYTEST_ARGS 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     closing=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
@@ -80,6 +83,7 @@ pytest_line() {  # pytest_line af2|af3
     case $rc in
         0) record ok "$label" "$closing" ;;
         5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected}" ;;
+        124 | 137) record FAIL "$label" "stopped after ${PYTEST_LINE_TIMEOUT}s (PYTEST_LINE_TIMEOUT): ${closing:-no summary}" ;;
         *) record FAIL "$label" "exit code $rc: ${closing:-no summary line}" ;;
     esac
 }

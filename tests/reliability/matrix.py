@@ -416,7 +416,7 @@ SCENARIOS += [
         _raw("silent"),
         expect=persists("PPIOTimeoutError", "0.5s", 2),
         extra=SLOW_EXTRA,
-        trigger_deadline=1.6,
+        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-headers",
@@ -425,7 +425,7 @@ SCENARIOS += [
         _raw("trickle_headers"),
         expect=persists("PPIOTimeoutError", "0.5s", 2),
         extra=SLOW_EXTRA,
-        trigger_deadline=1.6,
+        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-body",
@@ -434,7 +434,7 @@ SCENARIOS += [
         _raw("trickle_body"),
         expect=persists("PPIOTimeoutError", "", 2),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
-        trigger_deadline=1.6,
+        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-emulator",
@@ -443,7 +443,7 @@ SCENARIOS += [
         lambda arena: arena.fault("trickle", interval=0.05),
         expect=persists("PPIOTimeoutError", "", 2),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
-        trigger_deadline=1.6,
+        trigger_deadline=1.8,
     ),
     scenario(
         "invalid-json",
