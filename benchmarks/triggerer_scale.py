@@ -406,8 +406,10 @@ def summarize(results: list[Result]) -> list[list[Any]]:
                 ]
             )
         if len(cpu) == 2:
-            ratio = cpu[OURS] / cpu[THEIRS]
-            rows.append([scheme, f"{count:,}", "", "**ratio ours / theirs**", "", f"**{ratio:.2f}**", "", "", "", ""])
+            # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
+            usable = all(0 < value < float("inf") for value in cpu.values())
+            ratio = f"**{cpu[OURS] / cpu[THEIRS]:.2f}**" if usable else "n/a"
+            rows.append([scheme, f"{count:,}", "", "**ratio ours / theirs**", "", ratio, "", "", "", ""])
     return rows
 
 

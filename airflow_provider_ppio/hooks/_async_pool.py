@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow_provider_ppio.hooks._protocol import ClientSettings
 
@@ -124,7 +124,7 @@ class AsyncClientPool:
             transport=_laned_transport_class()(new_lane, self.max_connections),
             cookies=_no_cookies_class()(),  # bearer auth only: no state shared between the client's users
             follow_redirects=False,
-            # The proxy is read above, so every request goes through the gate; and ~/.netrc is not
+            # The proxy is read above, so every request goes through the lanes; and ~/.netrc is not
             # consulted, as it would replace the API key.
             trust_env=False,
         )
@@ -228,8 +228,7 @@ def _laned_transport_class() -> Callable[[Callable[[], httpx.AsyncBaseTransport]
             except BaseException:
                 release()
                 raise
-            assert isinstance(response.stream, httpx.AsyncByteStream)
-            response.stream = ReleasingStream(response.stream, release)
+            response.stream = ReleasingStream(cast("httpx.AsyncByteStream", response.stream), release)
             return response
 
         async def aclose(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -75,7 +76,7 @@ def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
 
     class RoutedClient(real_client):  # type: ignore[misc, valid-type]
         def __init__(self, **kwargs: Any) -> None:
-            super().__init__(transport=httpx.MockTransport(fake._dispatch), **kwargs)
+            super().__init__(**{**kwargs, "transport": httpx.MockTransport(fake._dispatch)})
             fake.clients.append(self)
 
     monkeypatch.setattr(httpx, "AsyncClient", RoutedClient)
@@ -89,6 +90,10 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     real_sleep = asyncio.sleep
 
     async def fake_sleep(seconds: float, *args: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Not ours: e.g. the session emulator's server loop, running in its own thread.
+            await real_sleep(seconds, *args)
+            return
         waited.append(seconds)
         await real_sleep(0)
 

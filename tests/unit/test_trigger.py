@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS, AsyncClientPool
@@ -374,8 +375,6 @@ async def test_the_pool_bounds_open_connections_and_reuses_them(emulator: Emulat
 
 
 async def test_a_request_cancelled_while_queued_or_failed_frees_its_turn(emulator: EmulatorServer) -> None:
-    import httpx
-
     emulator.control.seed_task(task_id="pw-1", state="running")
     emulator.control.inject_fault("latency", seconds=0.3, count=1, path_prefix=TASK_PATH)
     pool = AsyncClientPool(max_connections=1)
@@ -397,6 +396,36 @@ async def test_a_request_cancelled_while_queued_or_failed_frees_its_turn(emulato
         for _ in range(2):  # the first failure must not keep the only turn
             with pytest.raises(httpx.ConnectError):
                 await asyncio.wait_for(refused.get("http://127.0.0.1:1/"), 5)
+
+
+async def test_the_shared_client_goes_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[bytes] = []
+    body = json.dumps({"task_id": "pw-1", "status": {"status": "succeeded"}}).encode()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "bypassed.ppio.test")
+    pool = AsyncClientPool()
+    try:
+        async with pool.lease(_settings("http://api.ppio.test")) as client:
+            response = await client.get("http://api.ppio.test/gpus/v2/prewarm-tasks/pw-1")
+        async with pool.lease(_settings("http://bypassed.ppio.test")) as client:
+            with pytest.raises((httpx.ConnectError, httpx.ConnectTimeout)):  # tried directly: no such host
+                await client.get("http://bypassed.ppio.test/gpus/v2/prewarm-tasks/pw-1")
+    finally:
+        server.close()
+
+    assert response.json()["task_id"] == "pw-1"
+    assert seen == [b"GET http://api.ppio.test/gpus/v2/prewarm-tasks/pw-1 HTTP/1.1"]
 
 
 async def test_leases_share_a_client_per_base_url_and_key() -> None:
