@@ -469,8 +469,13 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     :param expected_task_id: The prewarm task the trigger was started for.
     """
     from airflow_provider_ppio.models import Outcome, PrewarmTask
-    from airflow_provider_ppio.sensors.prewarm import _error_from_event
-    from airflow_provider_ppio.triggers.prewarm import EVENT_ERROR, EVENT_STATUSES, EVENT_SUCCESS, EVENT_TIMEOUT
+    from airflow_provider_ppio.triggers.prewarm import (
+        EVENT_ERROR,
+        EVENT_STATUSES,
+        EVENT_SUCCESS,
+        EVENT_TIMEOUT,
+        error_from_event,
+    )
 
     status = event.get("status") if isinstance(event, dict) else None
     if not isinstance(event, dict) or status not in EVENT_STATUSES or event.get("prewarm_task_id") != expected_task_id:
@@ -485,7 +490,7 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
             "delete it with PPIODeletePrewarmTasksOperator or keep waiting with PrewarmTaskSensor"
         )
     if status == EVENT_ERROR:
-        raise _error_from_event(event, message)
+        raise error_from_event(event, message)
     task = PrewarmTask.from_api(event.get("task"))
     outcome = task.outcome
     if outcome is Outcome.FAILED:

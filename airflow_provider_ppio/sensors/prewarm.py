@@ -15,7 +15,6 @@ from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-    from airflow_provider_ppio.exceptions import PPIOError
     from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import PrewarmTask
 
@@ -126,6 +125,7 @@ class PrewarmTaskSensor(BaseSensorOperator):
             EVENT_STATUSES,
             EVENT_SUCCESS,
             EVENT_TIMEOUT,
+            error_from_event,
         )
 
         status = event.get("status") if isinstance(event, dict) else None
@@ -138,9 +138,9 @@ class PrewarmTaskSensor(BaseSensorOperator):
         if status == EVENT_TIMEOUT:
             raise AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
         if status == EVENT_ERROR:
-            raise _error_from_event(event, message)
+            raise error_from_event(event, message)
         task = PrewarmTask.from_api(event.get("task"))
-        answer = self.judge(task)  # the poke mode's decision: raises AirflowFailException on a failed task
+        answer = self.judge(task, context)  # the poke mode's decision: raises AirflowFailException on a failed task
         if status == EVENT_SUCCESS and isinstance(answer, PokeReturnValue) and answer.is_done:
             return answer.xcom_value
         raise AirflowException(
@@ -163,13 +163,16 @@ class PrewarmTaskSensor(BaseSensorOperator):
                 raise
             self.log.warning("Could not read prewarm task %s, will try again: %s", self.prewarm_task_id, err)
             return False
-        return self.judge(task)
+        return self.judge(task, context)
 
-    def judge(self, task: PrewarmTask) -> PokeReturnValue | bool:
+    def judge(self, task: PrewarmTask, context: Context | None = None) -> PokeReturnValue | bool:
         """
         Turn a prewarm task into the sensor's answer; the same rule for every mode.
 
+        On success the details also go onto the asset events of the sensor's ``outlets``.
+
         :param task: The task as read from the API.
+        :param context: The task context (for asset events); None skips them.
         """
         from airflow_provider_ppio.models import Outcome
 
@@ -182,7 +185,12 @@ class PrewarmTaskSensor(BaseSensorOperator):
                 task.region_id,
                 task.image_size,
             )
-            return PokeReturnValue(is_done=True, xcom_value=task.to_xcom())
+            details = task.to_xcom()
+            if context is not None and self.outlets:
+                from airflow_provider_ppio.assets import attach_prewarm_asset_events
+
+                attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
+            return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
             raise AirflowFailException(task.failure_summary())
         if task.state is None:
@@ -198,19 +206,6 @@ class PrewarmTaskSensor(BaseSensorOperator):
             _age(task),
         )
         return False
-
-
-def _error_from_event(event: dict[str, Any], message: str) -> PPIOError:
-    """The error an ``error`` event stands for, as the same class poke mode raises when it is one of ours."""
-    from airflow_provider_ppio import exceptions
-
-    cls = getattr(exceptions, str(event.get("error_type")), None)
-    if not (isinstance(cls, type) and issubclass(cls, exceptions.PPIOError)):
-        cls = exceptions.PPIOError
-    error = cls(message or f"Could not wait for prewarm task {event.get('prewarm_task_id')!r}")
-    http_status = event.get("http_status")
-    error.http_status = http_status if isinstance(http_status, int) else None
-    return error
 
 
 def _age(task: PrewarmTask) -> str:

@@ -21,6 +21,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 
 if TYPE_CHECKING:
+    from airflow_provider_ppio.exceptions import PPIOError
     from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import PrewarmTask
 
@@ -199,3 +200,21 @@ class PrewarmTaskTrigger(BaseTrigger):
             error_type=type(err).__name__,
             http_status=err.http_status if isinstance(err, PPIOError) else None,
         )
+
+
+def error_from_event(event: dict[str, Any], message: str) -> PPIOError:
+    """
+    The error an ``error`` event stands for: the same class poke mode raises, when it is one of ours.
+
+    :param event: The trigger's ``error`` event.
+    :param message: The event's message.
+    """
+    from airflow_provider_ppio import exceptions
+
+    cls = getattr(exceptions, str(event.get("error_type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, exceptions.PPIOError)):
+        cls = exceptions.PPIOError
+    error = cls(message or f"Could not wait for prewarm task {event.get('prewarm_task_id')!r}")
+    http_status = event.get("http_status")
+    error.http_status = http_status if isinstance(http_status, int) else None
+    return error

@@ -304,3 +304,41 @@ def test_building_the_sensor_does_no_io(monkeypatch: pytest.MonkeyPatch, request
     built = sensor(ppio_conn_id="not_defined_anywhere")
     assert built.prewarm_task_id == "pw-1"
     assert requests_mock.call_count == 0
+
+
+def _outlet_events() -> Any:
+    from airflow import __version__ as airflow_version
+
+    if int(airflow_version.split(".")[0]) >= 3:
+        from airflow.sdk.execution_time.context import OutletEventAccessors
+    else:
+        from airflow.utils.context import OutletEventAccessors
+    return OutletEventAccessors()
+
+
+def test_success_puts_the_details_on_the_outlet_asset_event(
+    requests_mock: rm.Mocker, task_url: str, make_task: MakeTask
+) -> None:
+    from airflow_provider_ppio.assets import prewarm_asset
+
+    requests_mock.get(task_url, json=make_task("pw-1", "succeeded", completed_at=1767229200))
+    asset = prewarm_asset("us-east-1", "registry.example.com/team/llama:1.0")
+    context: dict[str, Any] = {"outlet_events": _outlet_events()}
+
+    result = sensor(outlets=[asset]).poke(context)
+
+    assert isinstance(result, PokeReturnValue) and result.is_done
+    extra = context["outlet_events"][asset].extra
+    assert extra["task_id"] == "pw-1"
+    assert extra["completed_at"] == 1767229200
+
+
+def test_waiting_attaches_no_asset_event(requests_mock: rm.Mocker, task_url: str, make_task: MakeTask) -> None:
+    from airflow_provider_ppio.assets import prewarm_asset
+
+    requests_mock.get(task_url, json=make_task("pw-1", "running"))
+    asset = prewarm_asset("us-east-1", "registry.example.com/team/llama:1.0")
+    context: dict[str, Any] = {"outlet_events": _outlet_events()}
+
+    assert sensor(outlets=[asset]).poke(context) is False
+    assert "task_id" not in context["outlet_events"][asset].extra
