@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -41,6 +41,23 @@ class _ApiModel(BaseModel):
     """Keeps unknown fields and treats ``null`` as "not given", so defaults apply."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+
+    #: What the model is, for error messages.
+    api_name: ClassVar[str] = "object"
+
+    @classmethod
+    def from_api(cls, payload: Any) -> Self:
+        """
+        Parse a response body, raising the typed bad-response error on anything unusable.
+
+        :param payload: The decoded JSON body.
+        """
+        if not isinstance(payload, dict):
+            raise PPIOBadResponseError(f"Expected a {cls.api_name} JSON object, got {type(payload).__name__}")
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as err:
+            raise PPIOBadResponseError(f"Unexpected {cls.api_name} in the response: {describe(err)}") from None
 
     @model_validator(mode="before")
     @classmethod
@@ -75,6 +92,8 @@ class PrewarmTaskStatus(_ApiModel):
 class PrewarmTask(_ApiModel):
     """One image prewarm task, as ``GET /gpus/v2/prewarm-tasks/{task_id}`` returns it."""
 
+    api_name: ClassVar[str] = "prewarm task"
+
     task_id: str
     status: PrewarmTaskStatus
     name: str = ""
@@ -92,20 +111,6 @@ class PrewarmTask(_ApiModel):
     @classmethod
     def _single_string_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @classmethod
-    def from_api(cls, payload: Any) -> PrewarmTask:
-        """
-        Parse a response body, raising the typed bad-response error on anything unusable.
-
-        :param payload: The decoded JSON body.
-        """
-        if not isinstance(payload, dict):
-            raise PPIOBadResponseError(f"Expected a prewarm task JSON object, got {type(payload).__name__}")
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as err:
-            raise PPIOBadResponseError(f"Unexpected prewarm task in the response: {describe(err)}") from None
 
     @property
     def state(self) -> PrewarmTaskState | None:
@@ -171,23 +176,11 @@ def describe(err: ValidationError) -> str:
 class PrewarmTaskPage(_ApiModel):
     """One page of ``GET /gpus/v2/prewarm-tasks``."""
 
+    api_name: ClassVar[str] = "prewarm task list"
+
     data: list[PrewarmTask] = []
     next_cursor: str = ""
     has_more: bool = False
-
-    @classmethod
-    def from_api(cls, payload: Any) -> PrewarmTaskPage:
-        """
-        Parse a list response, raising the typed bad-response error on anything unusable.
-
-        :param payload: The decoded JSON body.
-        """
-        if not isinstance(payload, dict):
-            raise PPIOBadResponseError(f"Expected a JSON object with 'data', got {type(payload).__name__}")
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as err:
-            raise PPIOBadResponseError(f"Unexpected prewarm task list in the response: {describe(err)}") from None
 
 
 class _Request(BaseModel):

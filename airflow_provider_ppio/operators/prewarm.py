@@ -6,7 +6,6 @@ import datetime
 import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import (
@@ -18,15 +17,15 @@ from airflow.providers.common.compat.sdk import (
 )
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_ppio.hooks.mixin import PPIOHookMixin
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-    from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import Outcome, PrewarmTask
 
 
-class PPIOGetPrewarmTaskOperator(BaseOperator):
+class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     """
     Fetch a prewarm task and return its details as a JSON dict (the XCom ``return_value``).
 
@@ -43,13 +42,6 @@ class PPIOGetPrewarmTaskOperator(BaseOperator):
         super().__init__(**kwargs)
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
-
-    @cached_property
-    def hook(self) -> PPIOHook:
-        """The hook, built on first use so DAG parsing does no work."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
 
     def execute(self, context: Context) -> dict[str, Any]:
         """
@@ -72,7 +64,7 @@ MARKER_PREFIX = "airflow-"
 _MISSING = "<not found>"
 
 
-class PPIOCreatePrewarmTaskOperator(ResumableJobMixin, BaseOperator):
+class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperator):
     """
     Start prewarming an image in a region, optionally wait until it is done; one prewarm per task instance.
 
@@ -164,13 +156,6 @@ class PPIOCreatePrewarmTaskOperator(ResumableJobMixin, BaseOperator):
         self._result: dict[str, Any] | None = None
         self._pushed_id = False
         self._pushed_details = False
-
-    @cached_property
-    def hook(self) -> PPIOHook:
-        """The hook, built on first use so DAG parsing does no work."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
 
     def execute(self, context: Context) -> Any:
         """
@@ -503,7 +488,7 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     )
 
 
-class PPIODeletePrewarmTasksOperator(BaseOperator):
+class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
     """
     Delete prewarm tasks, e.g. as the teardown of a DAG that created them; returns the ids sent.
 
@@ -536,13 +521,6 @@ class PPIODeletePrewarmTasksOperator(BaseOperator):
         self.prewarm_task_ids = prewarm_task_ids
         self.ppio_conn_id = ppio_conn_id
         self.fail_on_missing = fail_on_missing
-
-    @cached_property
-    def hook(self) -> PPIOHook:
-        """The hook, built on first use so DAG parsing does no work."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
 
     def execute(self, context: Context) -> list[str]:
         """

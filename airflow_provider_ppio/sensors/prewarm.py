@@ -5,17 +5,16 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_ppio.hooks.mixin import PPIOHookMixin
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
-    from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import PrewarmTask
 
 #: Deferred polls are at least this far apart, whatever ``poke_interval`` says (no hot loop in the triggerer).
@@ -24,7 +23,7 @@ MIN_DEFERRED_POKE_INTERVAL = 1.0
 DEFERRAL_TIMEOUT_GRACE = 60.0
 
 
-class PrewarmTaskSensor(BaseSensorOperator):
+class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
     """
     Wait until a PPIO image prewarm task has succeeded; fail loudly if it failed.
 
@@ -62,13 +61,6 @@ class PrewarmTaskSensor(BaseSensorOperator):
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
         self.deferrable = deferrable
-
-    @cached_property
-    def hook(self) -> PPIOHook:
-        """The hook, built on first use so DAG parsing does no work."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id)
 
     def execute(self, context: Context) -> Any:
         """
