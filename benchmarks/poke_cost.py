@@ -12,11 +12,13 @@ own process, so ``time.process_time`` counts only the client's CPU.
   parses the JSON and checks ``status.status``; it builds a new hook and session every poke.
 * ``floor``: a bare ``requests.Session`` loop: GET, ``raise_for_status``, ``json()``, check.
 * ``floor cold``: ``requests.get`` (a new session and connection per call).
+* with ``--ablation``: the sensor as it was before the two fixes in docs/benchmarks.md (requests
+  re-reading the environment on every call; a watchdog thread per request).
 
 Usage::
 
     python benchmarks/poke_cost.py                      # both servers, 2,000 pokes x 5 rounds
-    python benchmarks/poke_cost.py --servers minimal --pokes 500 --rounds 3 --profile 2000
+    python benchmarks/poke_cost.py --ablation --profile 2000   # what docs/benchmarks.md shows
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from _common import (
     table,
 )
 
-CONTENDERS = ("ppio", "ppio cold", "http", "floor", "floor cold")
 TARGETS = {"http": 0.6, "floor": 1.25}
 
 

@@ -40,11 +40,11 @@ def table_row(output: str, first_cell: str) -> list[str]:
 
 def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
     output = run_script(
-        "poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1"
+        "poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1", "--ablation"
     )
 
     assert "### Server: minimal" in output and "### Server: emulator" in output
-    for contender in ("ppio", "ppio cold", "http", "floor", "floor cold"):
+    for contender in ("ppio", "ppio cold", "http", "floor", "floor cold", "ppio, thread per call"):
         cpu_us, wall_us = table_row(output, contender)[:2]
         assert float(cpu_us) > 0 and float(wall_us) > 0
     # Counted by the server: the sensor keeps its connection between pokes, HttpSensor connects every time.
