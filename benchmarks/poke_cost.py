@@ -2,7 +2,8 @@
 Poke cost: CPU and wall time per poke of ``PrewarmTaskSensor`` vs ``HttpSensor`` vs a bare ``requests`` loop.
 
 Every contender goes through real HTTP on loopback to the same server, in the same run, in
-rotating order, several rounds; the tables show the medians over rounds. The server runs in its
+rotating order, many short rounds; the tables show the medians over rounds, and each ratio is the
+median of the per-round ratios, so slow drifts of the machine's load cancel. The server runs in its
 own process, so ``time.process_time`` counts only the client's CPU.
 
 * ``ppio``: ``PrewarmTaskSensor.poke`` (hook and session kept between pokes, as in ``poke`` mode).
@@ -17,7 +18,7 @@ own process, so ``time.process_time`` counts only the client's CPU.
 
 Usage::
 
-    python benchmarks/poke_cost.py                      # both servers, 2,000 pokes x 5 rounds
+    python benchmarks/poke_cost.py                      # both servers, 500 pokes x 20 rounds
     python benchmarks/poke_cost.py --ablation --profile 2000   # what docs/benchmarks.md shows
 """
 
@@ -175,66 +176,64 @@ class Quiet:
 
 def measure(
     server: Server, *, pokes: int, warmup: int, rounds: int, ablation: bool = False
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, list[float]]]:
     """
-    Median CPU and wall seconds per poke for each contender, and TCP connections opened per poke.
+    Per round, for each contender: CPU and wall seconds per poke, and TCP connections opened per poke.
 
     :param server: The server all contenders call.
     :param pokes: Timed pokes per contender per round.
-    :param warmup: Untimed pokes per contender per round.
+    :param warmup: Untimed pokes per contender before each timed batch.
     :param rounds: Rounds; the contenders' order rotates each round.
     :param ablation: Also time the sensor as it was before each fix.
     """
     calls = contenders(server, ablation)
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
-    connects: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[str, dict[str, list[float]]] = {name: {"cpu": [], "wall": [], "connects": []} for name in calls}
     with Quiet():
         for name, call in calls.items():
             if call() is not False:  # a running task: every contender must say "keep waiting"
                 raise AssertionError(f"{name} did not report a running task as not done")
+            per_call(call, 200)
         names = list(calls)
         for round_no in range(rounds):
             order = names[round_no % len(names) :] + names[: round_no % len(names)]
             for name in order:
                 per_call(calls[name], warmup)
                 before = server.stats()
-                samples[name].append(per_call(calls[name], pokes))
+                cpu, wall = per_call(calls[name], pokes)
                 after = server.stats()
+                samples[name]["cpu"].append(cpu)
+                samples[name]["wall"].append(wall)
                 if before is not None and after is not None:
                     if after["gets"] - before["gets"] != pokes:  # each poke is exactly one real GET
                         raise AssertionError(f"{name}: {pokes} pokes, {after['gets'] - before['gets']} GETs")
                     # minus the connection of the stats call itself
-                    connects[name].append((after["connections"] - before["connections"] - 1) / pokes)
-    return {
-        name: {
-            "cpu": median([cpu for cpu, _ in values]),
-            "wall": median([wall for _, wall in values]),
-            "connects": median(connects[name]) if connects[name] else float("nan"),
-        }
-        for name, values in samples.items()
-    }
+                    samples[name]["connects"].append((after["connections"] - before["connections"] - 1) / pokes)
+    return samples
 
 
-def report(kind: str, results: dict[str, dict[str, float]], load: str) -> str:
+def ratio(results: dict[str, dict[str, list[float]]], name: str, other: str, what: str) -> float:
+    """Median over rounds of ``name``'s figure divided by ``other``'s in the same round (load drift cancels)."""
+    return median([ours / theirs for ours, theirs in zip(results[name][what], results[other][what], strict=True)])
+
+
+def report(kind: str, results: dict[str, dict[str, list[float]]], load: str) -> str:
     """A Markdown table of one server's medians, ratios and targets."""
-    http, floor, ppio = results["http"], results["floor"], results["ppio"]
     rows = [
         [
             name,
-            f"{entry['cpu'] * 1e6:.0f}",
-            f"{entry['wall'] * 1e6:.0f}",
-            f"{entry['cpu'] / http['cpu']:.2f}",
-            f"{entry['cpu'] / floor['cpu']:.2f}",
-            f"{entry['wall'] / http['wall']:.2f}",
-            f"{entry['wall'] / floor['wall']:.2f}",
-            "n/a" if entry["connects"] != entry["connects"] else f"{entry['connects']:.2f}",
+            f"{median(entry['cpu']) * 1e6:.0f}",
+            f"{median(entry['wall']) * 1e6:.0f}",
+            f"{ratio(results, name, 'http', 'cpu'):.2f}",
+            f"{ratio(results, name, 'floor', 'cpu'):.2f}",
+            f"{ratio(results, name, 'http', 'wall'):.2f}",
+            f"{ratio(results, name, 'floor', 'wall'):.2f}",
+            f"{median(entry['connects']):.2f}" if entry["connects"] else "n/a",
         ]
         for name, entry in results.items()
     ]
     verdicts = []
     for other, limit in TARGETS.items():
-        cpu_ratio = ppio["cpu"] / results[other]["cpu"]
-        wall_ratio = ppio["wall"] / results[other]["wall"]
+        cpu_ratio, wall_ratio = ratio(results, "ppio", other, "cpu"), ratio(results, "ppio", other, "wall")
         ok = "met" if max(cpu_ratio, wall_ratio) <= limit else "MISSED"
         verdicts.append(f"ppio/{other} <= {limit}: CPU {cpu_ratio:.2f}, wall {wall_ratio:.2f} ({ok})")
     headers = [
@@ -317,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the comparison and print Markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="minimal,emulator", help="comma-separated: minimal, emulator")
-    parser.add_argument("--pokes", type=int, default=2000, help="timed pokes per contender per round")
-    parser.add_argument("--warmup", type=int, default=200, help="untimed pokes before each timed batch")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pokes", type=int, default=500, help="timed pokes per contender per round")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed pokes before each timed batch")
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N pokes (minimal)")
     parser.add_argument("--ablation", action="store_true", help="also time the sensor as it was before each fix")
     args = parser.parse_args(argv)
@@ -329,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"## Poke cost\n\nMachine: {machine()}; Airflow {airflow.__version__}")
     print(f"Command: python benchmarks/poke_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"{args.pokes} pokes x {args.rounds} rounds per contender (after {args.warmup} warm-up); medians.\n")
+    print(
+        f"{args.pokes} pokes x {args.rounds} rounds per contender, each batch after {args.warmup} warm-up pokes;"
+        " medians over rounds; ratios are medians of the per-round ratios.\n"
+    )
     for kind in args.servers.split(","):
         with server_process(kind) as server, LoadSampler() as load:
             results = measure(server, pokes=args.pokes, warmup=args.warmup, rounds=args.rounds, ablation=args.ablation)
