@@ -268,7 +268,7 @@ def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: 
     except (UnicodeDecodeError, ValueError):
         raise PPIOBadResponseError(
             f"{where}: HTTP {status} with a body that is not JSON ({content_type}): "
-            f"{_snippet(scrub(body.decode('utf-8', 'replace'), secret) or '')!r}",
+            f"{snippet(scrub(body.decode('utf-8', 'replace'), secret) or '')!r}",
             status_code=status,
         ) from None
 
@@ -341,9 +341,9 @@ def parse_error_body(body: bytes, secret: str = "") -> tuple[str | None, str | N
     try:
         payload = json.loads(text)
     except ValueError:
-        return _snippet(text), None
+        return snippet(text), None
     if not isinstance(payload, dict):
-        return _snippet(text), None
+        return snippet(text), None
     error = payload.get("error")
     nested = error if isinstance(error, dict) else {}
     message = _first_text(
@@ -352,19 +352,20 @@ def parse_error_body(body: bytes, secret: str = "") -> tuple[str | None, str | N
     reason = _first_text(
         payload.get("reason"), nested.get("code"), payload.get("code"), nested.get("type"), secret=secret
     )
-    return (message or _snippet(text)), reason
+    return (message or snippet(text)), reason
 
 
 def _first_text(*candidates: Any, secret: str = "") -> str | None:
     for candidate in candidates:
         if isinstance(candidate, str) and candidate.strip():
-            return _snippet(scrub(candidate, secret) or "")
+            return snippet(scrub(candidate, secret) or "")
         if isinstance(candidate, int) and not isinstance(candidate, bool):
             return str(candidate)
     return None
 
 
-def _snippet(text: str) -> str:
+def snippet(text: str) -> str:
+    """Server text on one line, cut to a length fit for an error message (scrub the key first)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= _SNIPPET_CHARS else flat[: _SNIPPET_CHARS - 3] + "..."
 

@@ -34,6 +34,8 @@ from airflow_provider_ppio.hooks._protocol import (
     is_loopback,
     prewarm_task_path,
     request_headers,
+    scrub,
+    snippet,
 )
 from airflow_provider_ppio.hooks._retry import retry_arguments
 from airflow_provider_ppio.models import (
@@ -246,6 +248,8 @@ class PPIOHook(BaseHook):
         with response:
             try:
                 body = _read_body(response, deadline, method, path)
+            except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as err:
+                raise _undecodable(method, path, response.headers, err) from None
             except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
                 # Reading the raw stream raises urllib3's errors (a reset or cut-off body), not requests'.
                 raise _transport_error(method, path, settings, err) from None
@@ -322,6 +326,8 @@ class PPIOHook(BaseHook):
                 ) from None
             except httpx.TransportError as err:
                 raise _transport_error(method, path, settings, err) from None
+            except httpx.DecodingError as err:
+                raise _undecodable(method, path, response.headers, err) from None
         return interpret_response(
             method=method,
             path=path,
@@ -358,7 +364,7 @@ class PPIOHook(BaseHook):
 
         :param task_id: The prewarm task id (1-255 characters).
         """
-        return PrewarmTask.from_api(self.get(prewarm_task_path(task_id)))
+        return _the_task_asked_for(task_id, self.get(prewarm_task_path(task_id)), self.settings.api_key)
 
     async def aget_prewarm_task(self, task_id: str) -> PrewarmTask:
         """
@@ -366,7 +372,8 @@ class PPIOHook(BaseHook):
 
         :param task_id: The prewarm task id (1-255 characters).
         """
-        return PrewarmTask.from_api(await self.aget(prewarm_task_path(task_id)))
+        answer = await self.aget(prewarm_task_path(task_id))
+        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).api_key)
 
     def create_prewarm_task(
         self,
@@ -512,6 +519,26 @@ def _headers_timeout(method: str, path: str, settings: ClientSettings) -> PPIOTi
 
 def _too_large(method: str, path: str) -> PPIOBadResponseError:
     return PPIOBadResponseError(f"{method} {path}: the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
+
+
+def _undecodable(method: str, path: str, headers: Mapping[str, str], err: Exception) -> PPIOBadResponseError:
+    """The body does not decode as its ``Content-Encoding`` says (a broken proxy or server, not a network fault)."""
+    encoding = snippet(headers.get("Content-Encoding", "") or "none")
+    return PPIOBadResponseError(
+        f"{method} {path}: the answer's body could not be decoded (Content-Encoding: {encoding}): {_root_cause(err)}"
+    )
+
+
+def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:
+    """
+    Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
+    with another one, and a gate must not open on someone else's prewarm).
+    """
+    task = PrewarmTask.from_api(answer)
+    if task.task_id != task_id:
+        returned = snippet(scrub(repr(task.task_id), secret) or "")
+        raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
+    return task
 
 
 def _transport_error(method: str, path: str, settings: ClientSettings, err: Exception) -> PPIOTransportError:

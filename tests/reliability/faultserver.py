@@ -112,6 +112,10 @@ class FaultServer:
         self.stopping.wait(0.05)
         reset(conn)
 
+    def gzip_garbage(self, conn: socket.socket, head: bytes) -> None:
+        """A complete 200 that says ``Content-Encoding: gzip`` but whose body is plain JSON, then close."""
+        respond(conn, 200, json.dumps(self.body).encode(), {"Content-Encoding": "gzip"})
+
     def silent(self, conn: socket.socket, head: bytes) -> None:
         """Read the request and never answer."""
         self.stopping.wait()

@@ -481,6 +481,20 @@ SCENARIOS += [
         expect=permanent("PPIOBadResponseError", "larger than 8 MiB"),
     ),
     scenario(
+        "undecodable-body",
+        "200 whose body is not the `Content-Encoding` it claims (gzip)",
+        "raw socket: `Content-Encoding: gzip`, plain JSON body",
+        _raw("gzip_garbage"),
+        expect=permanent("PPIOBadResponseError", "could not be decoded (Content-Encoding: gzip)"),
+    ),
+    scenario(
+        "another-task",
+        "200 with another task than the one asked for",
+        "emulator `body` fault, task_id=someone-elses-task",
+        _body(task_body(task_id="someone-elses-task")),
+        expect=permanent("PPIOBadResponseError", "the API answered with task 'someone-elses-task'"),
+    ),
+    scenario(
         "fields-missing",
         "optional fields missing (only task_id and status)",
         "emulator `body` fault",

@@ -437,6 +437,29 @@ def test_unusable_2xx_bodies_raise_bad_response_without_retry(
     assert requests_mock.call_count == 1
 
 
+def test_an_answer_about_another_task_is_refused(
+    hook: PPIOHook, requests_mock: rm.Mocker, task_url: str, api_key: str, make_task: MakeTask
+) -> None:
+    requests_mock.get(task_url, json=make_task("pw-2", "succeeded"))
+    with pytest.raises(PPIOBadResponseError, match="Asked for prewarm task 'pw-1', the API answered with task 'pw-2'"):
+        hook.get_prewarm_task("pw-1")
+    assert requests_mock.call_count == 1  # not retried: the gate must not open on it either way
+
+    requests_mock.get(task_url, json=make_task(f"echo-{api_key}", "succeeded"))
+    with pytest.raises(PPIOBadResponseError) as raised:
+        hook.get_prewarm_task("pw-1")
+    assert_no_key(api_key, str(raised.value))
+
+
+def test_a_body_that_is_not_its_content_encoding_is_a_bad_response(
+    hook: PPIOHook, requests_mock: rm.Mocker, task_url: str, api_key: str, make_task: MakeTask, sleeps: list[float]
+) -> None:
+    requests_mock.get(task_url, content=b'{"task_id": "pw-1"}', headers={"Content-Encoding": "gzip"})
+    with pytest.raises(PPIOBadResponseError, match=r"could not be decoded \(Content-Encoding: gzip\)"):
+        hook.get_prewarm_task("pw-1")
+    assert requests_mock.call_count == 1
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirects_are_not_followed_and_the_key_stays_home(
     hook: PPIOHook, requests_mock: rm.Mocker, task_url: str, status: int, make_task: MakeTask

@@ -257,6 +257,26 @@ async def test_unusable_bodies_raise_bad_response_once(hook: PPIOHook, api: Fake
     assert len(api.requests) == 1
 
 
+async def test_an_answer_about_another_task_is_refused(
+    hook: PPIOHook, api: FakeAPI, api_key: str, make_task: MakeTask
+) -> None:
+    api.reply(httpx.Response(200, json=make_task(f"pw-2-{api_key}", "succeeded")))
+    with pytest.raises(
+        PPIOBadResponseError, match="Asked for prewarm task 'pw-1', the API answered with task"
+    ) as raised:
+        await hook.aget_prewarm_task("pw-1")
+    assert api_key not in str(raised.value)
+    assert len(api.requests) == 1
+
+
+async def test_a_body_that_is_not_its_content_encoding_is_a_bad_response(hook: PPIOHook, api: FakeAPI) -> None:
+    raw = httpx.ByteStream(b'{"task_id": "pw-1"}')  # a stream: given as content, httpx would decode it here
+    api.reply(httpx.Response(200, stream=raw, headers={"Content-Encoding": "gzip"}))
+    with pytest.raises(PPIOBadResponseError, match=r"could not be decoded \(Content-Encoding: gzip\)"):
+        await hook.aget_prewarm_task("pw-1")
+    assert len(api.requests) == 1
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_redirects_are_not_followed(hook: PPIOHook, api: FakeAPI, status: int, make_task: MakeTask) -> None:
     def handler(request: httpx.Request) -> httpx.Response:

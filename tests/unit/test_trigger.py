@@ -348,7 +348,8 @@ def _sockets_to(port: int) -> set[int]:
     """The local ports of this process's TCP sockets connected to ``port``."""
     import psutil
 
-    return {conn.laddr.port for conn in psutil.Process().net_connections("tcp") if conn.raddr and conn.raddr.port == port}
+    connections = psutil.Process().net_connections("tcp")
+    return {conn.laddr.port for conn in connections if conn.raddr and conn.raddr.port == port}
 
 
 async def test_the_pool_bounds_open_connections_and_reuses_them(emulator: EmulatorServer) -> None:
