@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import (
-    AirflowException,
     AirflowFailException,
     BaseOperator,
     ResumableJobMixin,
@@ -445,47 +444,25 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     """
     The succeeded prewarm task of a :class:`PrewarmTaskTrigger` event; raise for any other outcome.
 
-    The sensor's rules: an event for another task or of an unknown kind fails closed, an ``error``
-    raises the error class poke mode would raise, a failed task raises ``AirflowFailException``
-    with the API's reasons. A ``timeout`` raises ``AirflowFailException`` too (no retry: the
-    prewarm is left as it is).
+    The sensor's rules (:func:`~airflow_provider_ppio.triggers.prewarm.task_from_event`), except that a
+    ``timeout`` raises ``AirflowFailException`` (no retry: the prewarm is left as it is).
 
     :param event: The event payload.
     :param expected_task_id: The prewarm task the trigger was started for.
     """
-    from airflow_provider_ppio.models import Outcome, PrewarmTask
-    from airflow_provider_ppio.triggers.prewarm import (
-        EVENT_ERROR,
-        EVENT_STATUSES,
-        EVENT_SUCCESS,
-        EVENT_TIMEOUT,
-        error_from_event,
-    )
+    from airflow_provider_ppio.models import Outcome
+    from airflow_provider_ppio.triggers.prewarm import task_from_event
 
-    status = event.get("status") if isinstance(event, dict) else None
-    if not isinstance(event, dict) or status not in EVENT_STATUSES or event.get("prewarm_task_id") != expected_task_id:
-        raise AirflowException(
-            f"Prewarm task {expected_task_id!r}: the trigger sent an event this operator does not understand "
-            f"(status {status!r}); failing instead of guessing"
-        )
-    message = str(event.get("message") or "")
-    if status == EVENT_TIMEOUT:
-        raise AirflowFailException(
+    def timed_out(message: str) -> AirflowFailException:
+        return AirflowFailException(
             f"{message or f'PPIO prewarm task {expected_task_id!r} did not finish in time'}; it was left as it is: "
             "delete it with PPIODeletePrewarmTasksOperator or keep waiting with PrewarmTaskSensor"
         )
-    if status == EVENT_ERROR:
-        raise error_from_event(event, message)
-    task = PrewarmTask.from_api(event.get("task"))
-    outcome = task.outcome
-    if outcome is Outcome.FAILED:
+
+    task = task_from_event(event, expected_task_id=expected_task_id, reader="operator", timeout_error=timed_out)
+    if task.outcome is Outcome.FAILED:
         raise AirflowFailException(task.failure_summary())
-    if status == EVENT_SUCCESS and outcome is Outcome.SUCCEEDED and task.task_id == expected_task_id:
-        return task
-    raise AirflowException(
-        f"Prewarm task {expected_task_id!r}: the trigger reported {status!r} for task {task.task_id!r} with "
-        f"status {task.status.status!r}; failing instead of guessing"
-    )
+    return task
 
 
 class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator, PokeReturnValue, conf
 
@@ -109,36 +109,17 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param context: The task context.
         :param event: The payload of the trigger's event.
         """
-        from airflow.providers.common.compat.sdk import AirflowException, AirflowSensorTimeout
+        from airflow.providers.common.compat.sdk import AirflowSensorTimeout
 
-        from airflow_provider_ppio.models import PrewarmTask
-        from airflow_provider_ppio.triggers.prewarm import (
-            EVENT_ERROR,
-            EVENT_STATUSES,
-            EVENT_SUCCESS,
-            EVENT_TIMEOUT,
-            error_from_event,
-        )
+        from airflow_provider_ppio.triggers.prewarm import task_from_event
 
-        status = event.get("status") if isinstance(event, dict) else None
-        if event is None or status not in EVENT_STATUSES or event.get("prewarm_task_id") != self.prewarm_task_id:
-            raise AirflowException(
-                f"Prewarm task {self.prewarm_task_id!r}: the trigger sent an event this sensor does not "
-                f"understand (status {status!r}); failing instead of guessing"
-            )
-        message = str(event.get("message") or "")
-        if status == EVENT_TIMEOUT:
-            raise AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
-        if status == EVENT_ERROR:
-            raise error_from_event(event, message)
-        task = PrewarmTask.from_api(event.get("task"))
-        answer = self.judge(task, context)  # the poke mode's decision: raises AirflowFailException on a failed task
-        if status == EVENT_SUCCESS and isinstance(answer, PokeReturnValue) and answer.is_done:
-            return answer.xcom_value
-        raise AirflowException(
-            f"Prewarm task {self.prewarm_task_id!r}: the trigger reported {status!r} but the task it "
-            f"sent has status {task.status.status!r}; failing instead of guessing"
-        )
+        def timed_out(message: str) -> AirflowSensorTimeout:
+            return AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
+
+        task = task_from_event(event, expected_task_id=self.prewarm_task_id, reader="sensor", timeout_error=timed_out)
+        # The poke mode's decision, so both modes end alike: the task has succeeded (a PokeReturnValue with
+        # the details) or failed (judge raises AirflowFailException with the API's reasons).
+        return cast("PokeReturnValue", self.judge(task, context)).xcom_value
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """

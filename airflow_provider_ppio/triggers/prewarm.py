@@ -13,7 +13,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -218,3 +218,45 @@ def error_from_event(event: dict[str, Any], message: str) -> PPIOError:
     http_status = event.get("http_status")
     error.http_status = http_status if isinstance(http_status, int) else None
     return error
+
+
+def task_from_event(
+    event: Any, *, expected_task_id: str, reader: str, timeout_error: Callable[[str], BaseException]
+) -> PrewarmTask:
+    """
+    The prewarm task a trigger event reports, checked: what every ``execute_complete`` does first.
+
+    An event of an unknown kind, for another task, or whose task contradicts it fails closed (an
+    ``AirflowException`` naming the reader); ``timeout`` raises ``timeout_error(message)``; ``error``
+    raises the error class poke mode would raise. The task returned has either succeeded (the event
+    said ``success``) or failed: the caller fails the task with its reasons.
+
+    :param event: The payload of the trigger's event.
+    :param expected_task_id: The prewarm task the trigger was started for.
+    :param reader: Who reads the event (``"sensor"``, ``"operator"``), for the message.
+    :param timeout_error: Builds the exception a ``timeout`` event raises, from the event's message.
+    """
+    from airflow.providers.common.compat.sdk import AirflowException
+
+    from airflow_provider_ppio.models import Outcome, PrewarmTask
+
+    status = event.get("status") if isinstance(event, dict) else None
+    if not isinstance(event, dict) or status not in EVENT_STATUSES or event.get("prewarm_task_id") != expected_task_id:
+        raise AirflowException(
+            f"Prewarm task {expected_task_id!r}: the trigger sent an event this {reader} does not understand "
+            f"(status {status!r}); failing instead of guessing"
+        )
+    message = str(event.get("message") or "")
+    if status == EVENT_TIMEOUT:
+        raise timeout_error(message)
+    if status == EVENT_ERROR:
+        raise error_from_event(event, message)
+    task = PrewarmTask.from_api(event.get("task"))
+    if task.task_id == expected_task_id and (
+        task.outcome is Outcome.FAILED or (status == EVENT_SUCCESS and task.outcome is Outcome.SUCCEEDED)
+    ):
+        return task
+    raise AirflowException(
+        f"Prewarm task {expected_task_id!r}: the trigger reported {status!r} for task {task.task_id!r} with "
+        f"status {task.status.status!r}; failing instead of guessing"
+    )

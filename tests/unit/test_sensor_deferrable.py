@@ -241,6 +241,15 @@ def test_an_event_contradicted_by_its_task_fails_closed(status: str, task_status
         make_sensor().execute_complete({}, event)
 
 
+def test_a_success_event_carrying_another_task_fails_closed(make_task: Any) -> None:
+    event = {"status": "success", "prewarm_task_id": "pw-1", "task": make_task("pw-2", "succeeded")}
+
+    with pytest.raises(AirflowException, match="for task 'pw-2'") as raised:
+        make_sensor().execute_complete({}, event)
+
+    assert not isinstance(raised.value, AirflowFailException)  # a retry may see the right task
+
+
 def test_a_success_event_without_a_usable_task_fails(make_task: Any) -> None:
     with pytest.raises(PPIOBadResponseError):
         make_sensor().execute_complete({}, {"status": "success", "prewarm_task_id": "pw-1", "task": None})
