@@ -394,6 +394,46 @@ async def test_async_settings_come_from_the_connection(set_conn: Callable[..., N
     assert await hook.aget_settings() is settings
 
 
+async def test_concurrent_lookups_of_a_connection_are_shared_but_not_kept(
+    set_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a triggerer restart does: every resumed trigger's hook looks the same connection up at once.
+    from airflow.providers.common.compat import connection
+
+    set_conn("ppio_shared", extra={"max_attempts": 2})
+    real = connection.get_async_connection
+    lookups: list[str] = []
+
+    async def counted(conn_id: str, hook: Any = None) -> Any:
+        lookups.append(conn_id)
+        await asyncio.sleep(0.05)
+        return await real(conn_id, hook)
+
+    monkeypatch.setattr(connection, "get_async_connection", counted)
+    hooks = [PPIOHook("ppio_shared", max_attempts=n) for n in range(1, 201)]
+    impatient = asyncio.create_task(hooks[0].aget_settings())
+    await asyncio.sleep(0)
+
+    impatient.cancel()  # one waiter giving up does not cancel the lookup the others wait for
+    results = await asyncio.gather(*(hook.aget_settings() for hook in hooks[1:]))
+
+    assert lookups == ["ppio_shared"]
+    assert [settings.max_attempts for settings in results] == list(range(2, 201))  # each hook's own overrides
+    set_conn("ppio_shared", password="sk_rotated_key")
+    rotated = await PPIOHook("ppio_shared").aget_settings()
+    assert rotated.api_key == "sk_rotated_key"  # a later lookup reads the connection again
+    assert lookups == ["ppio_shared", "ppio_shared"]
+
+
+async def test_a_failed_shared_lookup_reaches_every_waiter(set_conn: Callable[..., None]) -> None:
+    from airflow.providers.common.compat.sdk import AirflowNotFoundException
+
+    results = await asyncio.gather(
+        *(PPIOHook("ppio_nowhere").aget_settings() for _ in range(3)), return_exceptions=True
+    )
+    assert [type(result) for result in results] == [AirflowNotFoundException] * 3
+
+
 async def test_async_missing_key_names_the_connection(set_conn: Callable[..., None], api: FakeAPI) -> None:
     set_conn("ppio_async_nokey", password=None)
     with pytest.raises(PPIOConnectionConfigError, match="ppio_async_nokey"):
