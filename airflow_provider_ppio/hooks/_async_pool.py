@@ -1,7 +1,7 @@
 """
 Async HTTP clients shared by every trigger in one triggerer process.
 
-One ``httpx.AsyncClient`` (one connection pool, bounded) per event loop, base URL and API key,
+One client (one bounded set of connections) per event loop, base URL and API key,
 leased by reference count: a trigger holds a lease for its whole wait, so its polls reuse
 keep-alive connections, and the client closes when its last user lets go.
 
@@ -11,6 +11,11 @@ re-checks every connection (a system call each) and every queued request wheneve
 or ends, so its cost per request grows with the pool and the queue (1,000 polls queued on a
 50-connection pool took 44 s to drain; 3,000 never did). A lane's pool holds one connection, so
 that bookkeeping costs the same however many waits share the client.
+
+Nor is ``httpx.AsyncClient``: its layers (URL merging, cookie jar, auth flow, redirect loop, event
+hooks, a log record per request) are a third of a poll's CPU and do nothing here (bearer auth, no
+cookies, redirects refused, timeouts per request). :class:`SharedClient` builds each
+``httpx.Request`` and hands it to the lanes, whose transports are httpx's own.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,7 +35,6 @@ from airflow_provider_ppio.hooks._protocol import ClientSettings
 
 if TYPE_CHECKING:
     import ssl
-    from http.cookiejar import CookieJar
 
     import httpx
 
@@ -38,16 +42,79 @@ if TYPE_CHECKING:
 DEFAULT_MAX_CONNECTIONS = 50
 
 
+class SharedClient:
+    """
+    What a lease hands out: sends requests straight to the lanes, with the client's timeouts.
+
+    :param transport: The laned transport.
+    :param timeout: Connect, read, write and pool timeouts of every request.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        self._transport = transport
+        self._extensions = {"timeout": timeout.as_dict()}
+        self.timeout = timeout
+        self.is_closed = False
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """
+        Send one request and yield its response with the body unread; the body is closed on exit.
+
+        :param method: HTTP method.
+        :param url: Absolute URL.
+        :param params: Query parameters.
+        :param json: JSON body, if any.
+        :param headers: Request headers.
+        """
+        import httpx
+
+        if self.is_closed:
+            raise RuntimeError("the shared client was closed; lease it again")
+        request = httpx.Request(method, url, params=params, json=json, headers=headers, extensions=self._extensions)
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def get(self, url: str, *, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """
+        GET ``url`` and read the whole body (for tests and simple callers).
+
+        :param url: Absolute URL.
+        :param headers: Request headers.
+        """
+        async with self.stream("GET", url, headers=headers) as response:
+            await response.aread()
+        return response
+
+    async def aclose(self) -> None:
+        """Close every lane's connection."""
+        if not self.is_closed:
+            self.is_closed = True
+            await self._transport.aclose()
+
+
 @dataclass
 class _Entry:
-    client: httpx.AsyncClient
+    client: SharedClient
     turns: asyncio.Semaphore
     users: int = 0
 
 
 class AsyncClientPool:
     """
-    Reference-counted ``httpx.AsyncClient`` objects, one per (event loop, base URL, API key).
+    Reference-counted :class:`SharedClient` objects, one per (event loop, base URL, API key).
 
     Each client has at most ``max_connections`` requests in flight (so it never opens more
     connections); the others wait their turn in arrival order.
@@ -67,7 +134,7 @@ class AsyncClientPool:
         return _client_key(settings.base_url, settings.api_key)
 
     @contextlib.asynccontextmanager
-    async def lease(self, settings: ClientSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async def lease(self, settings: ClientSettings) -> AsyncIterator[SharedClient]:
         """
         Use the shared client for ``settings`` on the running loop, creating it if needed.
 
@@ -111,47 +178,27 @@ class AsyncClientPool:
             if last:
                 await entry.client.aclose()
 
-    def _new_client(self, settings: ClientSettings) -> httpx.AsyncClient:
+    def _new_client(self, settings: ClientSettings) -> SharedClient:
         import httpx
 
         one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        # The environment is read here, once per client: the proxy (HTTPS_PROXY, NO_PROXY...) and the
+        # CA bundle (SSL_CERT_FILE...). ~/.netrc is never consulted: it would replace the API key.
         proxy = _environment_proxy(settings.base_url)
         tls = _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
 
         def new_lane() -> httpx.AsyncBaseTransport:
-            return httpx.AsyncHTTPTransport(verify=tls, limits=one_connection, proxy=proxy)
+            return httpx.AsyncHTTPTransport(verify=tls, limits=one_connection, proxy=proxy, trust_env=False)
 
-        return httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-            transport=_laned_transport_class()(new_lane, self.max_connections),
-            cookies=_no_cookies_class()(),  # bearer auth only: no state shared between the client's users
-            follow_redirects=False,
-            # The proxy is read above, so every request goes through the lanes; and ~/.netrc is not
-            # consulted, as it would replace the API key.
-            trust_env=False,
+        return SharedClient(
+            _laned_transport_class()(new_lane, self.max_connections),
+            httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
         )
 
     def open_clients(self) -> int:
         """How many shared clients are open, across loops (for tests and benchmarks)."""
         with self._lock:
             return sum(len(clients) for clients in self._by_loop.values())
-
-
-@functools.cache
-def _no_cookies_class() -> type[CookieJar]:
-    """Build the class on first use (``http.cookiejar`` pulls in ``http.client``)."""
-    from http.cookiejar import CookieJar
-
-    class NoCookies(CookieJar):
-        """A cookie jar that never stores or sends a cookie (and skips the work per request)."""
-
-        def extract_cookies(self, response: Any, request: Any) -> None:
-            """Keep no cookie."""
-
-        def add_cookie_header(self, request: Any) -> None:
-            """Send no cookie."""
-
-    return NoCookies
 
 
 @functools.lru_cache(maxsize=8)

@@ -271,7 +271,7 @@ class PPIOHook(BaseHook):
         """
         The async twin of :meth:`request`: same URL rules, retry policy and error mapping.
 
-        Uses the process-wide shared ``httpx.AsyncClient`` for this base URL and key.
+        Uses the process-wide shared async client (httpx transports) for this base URL and key.
 
         :param method: HTTP method.
         :param path: API path starting with ``/``.

@@ -21,7 +21,7 @@ import pytest
 from faultserver import FaultServer, respond
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from matrix import API_KEY, task_body
+from matrix import API_KEY, TASK_ID, task_body
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
 from airflow_provider_ppio.hooks._protocol import interpret_response
@@ -109,15 +109,22 @@ def _check_parsed(payload: Any) -> None:
 
 
 class Answer:
-    """What the raw server answers next (one body for every request until changed)."""
+    """What the raw server answers next (one body for every request until changed; None: the task asked for)."""
 
-    body = json.dumps(task_body()).encode()
+    body: bytes | None = None
+
+
+def _answer(head: bytes) -> bytes:
+    if Answer.body is not None:
+        return Answer.body
+    target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
+    return json.dumps(task_body(task_id=unquote(target.removeprefix(PREFIX)))).encode()
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[FaultServer]:
     """A raw HTTP server recording each request line and answering with :attr:`Answer.body`."""
-    srv = FaultServer(lambda conn, head: respond(conn, 200, Answer.body))
+    srv = FaultServer(lambda conn, head: respond(conn, 200, _answer(head)))
     with pytest.MonkeyPatch.context() as patch:
         conn = {"conn_type": "ppio", "host": srv.base_url, "password": API_KEY, "extra": {"max_attempts": 1}}
         patch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", json.dumps(conn))
@@ -161,7 +168,7 @@ def test_any_task_id_is_refused_before_sending_or_sent_as_one_encoded_segment(
     from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
 
-    Answer.body = json.dumps(task_body()).encode()
+    Answer.body = None  # the task asked for, so an id sent intact reads back as that task
     hook = PPIOHook()
     for call in (
         lambda: hook.get_prewarm_task(task_id),
@@ -214,8 +221,8 @@ def test_any_json_body_over_http_gives_a_task_or_the_typed_error_on_both_transpo
     hook = PPIOHook()
     results = []
     for call in (
-        lambda: hook.get_prewarm_task("pwt-x"),
-        lambda: loop.run_until_complete(hook.aget_prewarm_task("pwt-x")),
+        lambda: hook.get_prewarm_task(TASK_ID),
+        lambda: loop.run_until_complete(hook.aget_prewarm_task(TASK_ID)),
     ):
         try:
             results.append(call().to_xcom())

@@ -38,14 +38,14 @@ Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 
 class FakeAPI:
     """
-    Stands in for the network under the pool's real ``httpx.AsyncClient``, recording every request.
+    Stands in for the network under the pool's real clients and lanes, recording every request.
 
     :param handler: Answers one request; set per test.
     """
 
     def __init__(self) -> None:
         self.requests: list[httpx.Request] = []
-        self.clients: list[httpx.AsyncClient] = []
+        self.lanes: list[Any] = []
         self.handler: Handler = lambda request: httpx.Response(500)
 
     def reply(self, *responses: httpx.Response | Exception) -> None:
@@ -70,16 +70,22 @@ class FakeAPI:
 
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
-    """Routes the shared pool's clients (built by the real factory, real settings) to a :class:`FakeAPI`."""
+    """
+    Routes the shared pool's connections to a :class:`FakeAPI`: each lane (one connection, built by the real
+    client with the real settings) becomes a mock transport.
+    """
     fake = FakeAPI()
-    real_client = httpx.AsyncClient
 
-    class RoutedClient(real_client):  # type: ignore[misc, valid-type]
+    class RoutedLane(httpx.MockTransport):
         def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**{**kwargs, "transport": httpx.MockTransport(fake._dispatch)})
-            fake.clients.append(self)
+            super().__init__(fake._dispatch)
+            self.closed = False
+            fake.lanes.append(self)
 
-    monkeypatch.setattr(httpx, "AsyncClient", RoutedClient)
+        async def aclose(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(httpx, "AsyncHTTPTransport", RoutedLane)
     return fake
 
 
@@ -334,15 +340,14 @@ async def test_a_trickling_body_cannot_outlast_the_timeout(ppio_conn: str, api: 
     assert len(api.requests) == 1
 
 
-async def test_client_uses_the_configured_timeouts_and_no_redirects(
+async def test_requests_carry_the_configured_timeouts(
     set_conn: Callable[..., None], api: FakeAPI, make_task: MakeTask
 ) -> None:
     set_conn(extra={"timeout": 42})
     api.reply(httpx.Response(200, json=make_task("pw-1")))
     await PPIOHook().aget_prewarm_task("pw-1")
-    (client,) = api.clients
-    assert client.timeout == httpx.Timeout(42.0, connect=10.0)
-    assert client.follow_redirects is False
+    (request,) = api.requests
+    assert request.extensions["timeout"] == {"connect": 10.0, "read": 42.0, "write": 42.0, "pool": 42.0}
 
 
 async def test_calls_outside_a_trigger_build_the_tls_context_once(
@@ -361,7 +366,7 @@ async def test_calls_outside_a_trigger_build_the_tls_context_once(
     for _ in range(3):
         await hook.aget_prewarm_task("pw-1")
 
-    assert len(api.clients) == 3  # a client per call: nothing holds one open between them
+    assert len(api.lanes) == 3  # a client (with its lane) per call: nothing holds one open between them
     assert len(built) == 1
 
 
@@ -381,9 +386,9 @@ async def test_concurrent_calls_share_one_client_which_closes_after(
     assert SHARED_ASYNC_CLIENTS.open_clients() == 1
     release.set()
     await asyncio.gather(*calls)
-    assert len(api.clients) == 1
+    assert len(api.lanes) == 3  # one client, a lane (connection) per request in flight
     assert SHARED_ASYNC_CLIENTS.open_clients() == 0
-    assert api.clients[0].is_closed
+    assert all(lane.closed for lane in api.lanes)
 
 
 async def test_async_settings_come_from_the_connection(set_conn: Callable[..., None], api: FakeAPI) -> None:
