@@ -460,10 +460,12 @@ def render(rows: list[list[Any]], command: str, context: str) -> str:
             "would answer more of them; the socket and memory counts would stay.",
             "- *CPU per poll at 1,000* is the fairer comparison (though over https `HttpSensorTrigger` "
             "already falls behind its poke_interval there: compare the polls measured). Ours goes through "
-            "httpx, as the provider must (pure Python: h11 on anyio; a bare keep-alive `client.get` "
-            "alone costs about 0.8 ms on this machine); aiohttp's C parser makes a request plus a new "
-            "connection cost about the same without TLS. A TLS handshake per poll is what makes "
-            "`HttpSensorTrigger` dearer over https. Where the ratio is above 0.50, the target is not met.",
+            "httpx's transports (pure Python: h11 on anyio), handed each request by a small client of ours: "
+            "`httpx.AsyncClient`'s own layers were a third of a poll and are skipped (a bare keep-alive "
+            "`AsyncClient.get` costs about 0.8 ms on this machine, a whole poll of ours about as much). "
+            "aiohttp's C parser makes a request plus a new connection cost about the same without TLS; a "
+            "TLS handshake per poll is what makes `HttpSensorTrigger` dearer over https. Where the ratio is "
+            "above 0.50, the target is not met.",
             "",
             f"Command: `{command}`",
             "",
