@@ -160,6 +160,25 @@ def decide(task: PrewarmTask) -> Outcome:
     return Outcome.WAITING
 
 
+def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
+    """
+    Log that ``task`` is not finished: info for a known status, a warning for one this provider does not know.
+
+    :param log: The caller's logger (a sensor's, an operator's or a trigger's ``log``).
+    :param task: A task whose outcome is :attr:`Outcome.WAITING`.
+    :param detail: Text appended to the line (how long it has run, how often it is polled).
+    """
+    if task.state is None:
+        log.warning(
+            "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
+            task.task_id,
+            task.status.status,
+            detail,
+        )
+    else:
+        log.info("Prewarm task %s is %s%s", task.task_id, task.status.status, detail)
+
+
 def describe(err: ValidationError) -> str:
     """
     Name each invalid field of a validation error in one line, without echoing values.

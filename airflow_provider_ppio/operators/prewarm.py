@@ -384,21 +384,14 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
     def _finished(self, task: PrewarmTask) -> bool:
         """The sensor's decision: True on success, AirflowFailException on failure, else keep waiting."""
-        from airflow_provider_ppio.models import Outcome
+        from airflow_provider_ppio.models import Outcome, log_waiting
 
         outcome = task.outcome
         if outcome is Outcome.FAILED:
             raise AirflowFailException(task.failure_summary())
         if outcome is Outcome.SUCCEEDED:
             return True
-        if task.state is None:
-            self.log.warning(
-                "Prewarm task %s has a status this provider does not know (%r); still waiting",
-                task.task_id,
-                task.status.status,
-            )
-        else:
-            self.log.info("Prewarm task %s is %s", task.task_id, task.status.status)
+        log_waiting(self.log, task)
         return False
 
     def _timed_out(self, task_id: str) -> None:

@@ -147,7 +147,7 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param task: The task as read from the API.
         :param context: The task context (for asset events); None skips them.
         """
-        from airflow_provider_ppio.models import Outcome
+        from airflow_provider_ppio.models import Outcome, log_waiting
 
         outcome = task.outcome
         if outcome is Outcome.SUCCEEDED:
@@ -166,18 +166,7 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
             raise AirflowFailException(task.failure_summary())
-        if task.state is None:
-            self.log.warning(
-                "Prewarm task %s has a status this provider does not know (%r); still waiting",
-                task.task_id,
-                task.status.status,
-            )
-        self.log.info(
-            "Prewarm task %s is %s%s",
-            task.task_id,
-            task.status.status or "without a status",
-            _age(task),
-        )
+        log_waiting(self.log, task, _age(task))
         return False
 
 

@@ -143,7 +143,7 @@ class PrewarmTaskTrigger(BaseTrigger):
     async def _poll(self, hook: PPIOHook, last_status: str | None) -> tuple[dict[str, Any] | None, str | None]:
         """One read of the task: the event payload if the wait is over, and the status seen."""
         from airflow_provider_ppio.exceptions import PPIOError
-        from airflow_provider_ppio.models import Outcome
+        from airflow_provider_ppio.models import Outcome, log_waiting
 
         try:
             task = await hook.aget_prewarm_task(self.prewarm_task_id)
@@ -164,20 +164,8 @@ class PrewarmTaskTrigger(BaseTrigger):
             return self._failed_event(task), None
         status = task.status.status
         if status != last_status:  # one line per change, not per poll: thousands of waits share a log
-            self._log_waiting(task)
+            log_waiting(self.log, task, f"; polling every {self.poke_interval:g}s")
         return None, status
-
-    def _log_waiting(self, task: PrewarmTask) -> None:
-        if task.state is None:
-            self.log.warning(
-                "Prewarm task %s has a status this provider does not know (%r); still waiting",
-                task.task_id,
-                task.status.status,
-            )
-        else:
-            self.log.info(
-                "Prewarm task %s is %s; polling every %gs", task.task_id, task.status.status, self.poke_interval
-            )
 
     def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
         payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
