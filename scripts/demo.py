@@ -39,9 +39,16 @@ from airflow_provider_ppio.testing.server import EmulatorControl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from dagtest_runner import DagRunResult, migrate_db, new_home, on_first_read, ppio_connection, run_dag_test  # noqa: E402
+from dagtest_runner import (  # noqa: E402
+    GATE_DAG,
+    DagRunResult,
+    migrate_db,
+    new_home,
+    on_first_read,
+    ppio_connection,
+    run_dag_test,
+)
 
-DAG_ID = "example_ppio_prewarm_gate"
 GOOD_IMAGE = "registry.example.com/acme/llm-server:1.4"
 BAD_IMAGE = "registry.example.com/acme/llm-server:missing-tag"
 REGION = "us-east-1"
@@ -216,7 +223,7 @@ def scenario(
     prewarm_id = create_prewarm_task(base_url, api_key, image)
     say(f"  {stamp()} created prewarm task {prewarm_id}: {image} in {REGION}")
     conf = json.dumps({"prewarm_task_id": prewarm_id})
-    say(f"  {stamp()} airflow dags test {DAG_ID} --conf '{conf}'")
+    say(f"  {stamp()} airflow dags test {GATE_DAG} --conf '{conf}'")
     home = new_home(workdir / f"scenario-{number}", template=template)
     control = EmulatorControl(base_url)
 
@@ -226,7 +233,7 @@ def scenario(
 
     with on_first_read(control, prewarm_id, fast_forward):
         result = run_dag_test(
-            home, DAG_ID, conf={"prewarm_task_id": prewarm_id}, env=ppio_connection(base_url, api_key)
+            home, GATE_DAG, conf={"prewarm_task_id": prewarm_id}, env=ppio_connection(base_url, api_key)
         )
     control.close()
     (workdir / f"scenario-{number}.log").write_text(result.output)

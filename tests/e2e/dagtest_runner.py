@@ -27,6 +27,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DAGS = REPO / "example_dags"
 DB_NAME = "airflow.db"
+#: The example deployment gate DAG, and the path of one prewarm task (id appended).
+GATE_DAG = "example_ppio_prewarm_gate"
+TASK_PATH = "/gpus/v2/prewarm-tasks/"
 #: The key the e2e emulator accepts: distinctive, so finding it in any output, log or database is a leak.
 E2E_API_KEY = "sk_e2e_DO_NOT_LEAK_4b1d9e2a"
 
@@ -365,7 +368,7 @@ def on_first_read(
     """
     done = threading.Event()
     errors: list[BaseException] = []
-    path = f"/gpus/v2/prewarm-tasks/{prewarm_task_id}"
+    path = f"{TASK_PATH}{prewarm_task_id}"
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
@@ -390,6 +393,20 @@ def on_first_read(
         watcher.join(10)
     if errors:
         raise errors[0]
+
+
+def gets_of(emulator: Any, task_id: str) -> list[dict[str, Any]]:
+    """
+    The emulator's log of GET requests for one prewarm task.
+
+    :param emulator: The emulator server (its ``control`` client reads the log).
+    :param task_id: The prewarm task.
+    """
+    return [
+        entry
+        for entry in emulator.control.requests_log()
+        if entry["method"] == "GET" and entry["path"] == f"{TASK_PATH}{task_id}"
+    ]
 
 
 def ppio_connection(base_url: str, api_key: str, **extra: Any) -> dict[str, str]:

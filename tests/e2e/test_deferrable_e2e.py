@@ -13,22 +13,10 @@ from __future__ import annotations
 import functools
 import textwrap
 from pathlib import Path
-from typing import Any
 
-from dagtest_runner import E2E_API_KEY, DagRunResult, DagTestRunner, on_first_read
+from dagtest_runner import E2E_API_KEY, GATE_DAG, DagRunResult, DagTestRunner, gets_of, on_first_read
 
-GATE_DAG = "example_ppio_prewarm_gate"
-TASK_PATH = "/gpus/v2/prewarm-tasks/"
 DEFERRABLE = {"AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True"}
-
-
-def gets_of(emulator: Any, task_id: str) -> list[dict[str, Any]]:
-    """The emulator's log of GET requests for one prewarm task."""
-    return [
-        entry
-        for entry in emulator.control.requests_log()
-        if entry["method"] == "GET" and entry["path"] == f"{TASK_PATH}{task_id}"
-    ]
 
 
 def assert_deferred(result: DagRunResult) -> None:

@@ -9,21 +9,8 @@ output, log, XCom or database row.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-from dagtest_runner import E2E_API_KEY, DagTestRunner, on_first_read
-
-GATE_DAG = "example_ppio_prewarm_gate"
-TASK_PATH = "/gpus/v2/prewarm-tasks/"
-
-
-def gets_of(emulator: Any, task_id: str) -> list[dict[str, Any]]:
-    """The emulator's log of GET requests for one prewarm task."""
-    return [
-        entry
-        for entry in emulator.control.requests_log()
-        if entry["method"] == "GET" and entry["path"] == f"{TASK_PATH}{task_id}"
-    ]
+from dagtest_runner import E2E_API_KEY, GATE_DAG, DagTestRunner, gets_of, on_first_read
 
 
 def test_succeeded_prewarm_opens_the_gate_and_deploy_gets_the_details(dag_test: DagTestRunner) -> None:
