@@ -1,10 +1,17 @@
-"""The provider's error tree: every failure the hook raises is a :class:`PPIOError`."""
+"""
+The provider's error tree: every failure the hook raises is a :class:`PPIOError`.
+
+Errors that no retry of the Airflow task can cure (a wrong key, an unknown task, a bad request, a
+certificate that does not verify, broken connection settings, a failed prewarm) also subclass
+``AirflowFailException``, so the task fails at once instead of spending its ``retries``.
+The contract, row by row, is the table in docs/reliability.md.
+"""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from airflow.providers.common.compat.sdk import AirflowException
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
 
 class PPIOError(AirflowException):
@@ -46,31 +53,36 @@ def _rebuild(cls: type[PPIOError], message: str, state: dict[str, object]) -> PP
     return error
 
 
-class PPIOInvalidInputError(PPIOError, ValueError):
+class PPIOInvalidInputError(PPIOError, AirflowFailException, ValueError):
     """An argument is not acceptable; raised before any request is sent."""
 
 
-class PPIOConnectionConfigError(PPIOError):
-    """The Airflow connection is missing or incomplete (no API key, bad base URL, bad extras)."""
+class PPIOConnectionConfigError(PPIOError, AirflowFailException):
+    """The Airflow connection is missing or incomplete (no API key, bad base URL, bad extras, bad CA bundle)."""
 
 
 class PPIOAPIError(PPIOError):
     """The API answered with an HTTP error status."""
 
 
-class PPIOBadRequestError(PPIOAPIError):
+class PPIOBadRequestError(PPIOAPIError, AirflowFailException):
     """The API refused the request as invalid (400 and 4xx codes without a class of their own)."""
 
 
-class PPIOQuotaExceededError(PPIOBadRequestError):
-    """The account's prewarm quota (5 concurrent tasks by default) is used up."""
+class PPIOQuotaExceededError(PPIOAPIError):
+    """
+    The account's prewarm quota (5 concurrent tasks by default) is used up.
+
+    Not a :class:`PPIOBadRequestError`: the same request succeeds once a slot is free, so task
+    retries apply.
+    """
 
 
-class PPIOAuthError(PPIOAPIError):
+class PPIOAuthError(PPIOAPIError, AirflowFailException):
     """The API key is missing, wrong (401) or lacks permission (403)."""
 
 
-class PPIONotFoundError(PPIOAPIError):
+class PPIONotFoundError(PPIOAPIError, AirflowFailException):
     """The prewarm task (or path) does not exist (404)."""
 
 
@@ -110,6 +122,45 @@ class PPIOTransportError(PPIOError):
 
 class PPIOTimeoutError(PPIOTransportError):
     """The API did not answer within the request timeout."""
+
+
+class PPIOUnreachableError(PPIOTransportError):
+    """
+    A wait gave up: the API gave no usable answer for longer than ``unreachable_timeout``.
+
+    The message carries the last error. Task retries apply: the outage may be over by then.
+    """
+
+    transient = False
+
+
+class PPIOTLSError(PPIOTransportError, AirflowFailException):
+    """
+    The TLS handshake failed (a certificate that does not verify, a server that does not speak TLS).
+
+    Permanent: asking again gets the same certificate. The message names the CA bundle used.
+    """
+
+    transient = False
+
+
+class PPIOUnknownHostError(PPIOTransportError, AirflowFailException):
+    """The base URL's host name does not exist (DNS answered that there is no such name)."""
+
+    transient = False
+
+
+class PPIOPrewarmFailedError(PPIOError, AirflowFailException):
+    """
+    The prewarm task ended in ``failed``; the message carries the API's error, message and reasons.
+
+    :param message: The failure summary.
+    :param prewarm_task_id: The prewarm task that failed.
+    """
+
+    def __init__(self, message: str, *, prewarm_task_id: str = "", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.prewarm_task_id = prewarm_task_id
 
 
 class PPIOBadResponseError(PPIOError):

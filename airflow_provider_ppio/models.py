@@ -145,14 +145,24 @@ class PrewarmTask(_ApiModel):
 
 def decide(task: PrewarmTask) -> Outcome:
     """
-    Decide what a gate does about ``task``: the only place that maps statuses to outcomes.
-
-    ``succeeded`` ends the wait, ``failed`` fails it, and every other value (``pending``,
-    ``running``, or one the API adds later) keeps it waiting.
+    Decide what a gate does about ``task``; see :func:`outcome_of`.
 
     :param task: The prewarm task as last read from the API.
     """
-    state = task.state
+    return outcome_of(task.status.status)
+
+
+def outcome_of(status: str) -> Outcome:
+    """
+    The only place that maps a status to what a gate does: ``succeeded`` ends the wait, ``failed``
+    fails it, and every other value (``pending``, ``running``, or one the API adds later) keeps it waiting.
+
+    :param status: The raw ``status.status`` value.
+    """
+    try:
+        state = PrewarmTaskState(status.strip().lower())
+    except ValueError:
+        return Outcome.WAITING
     if state is PrewarmTaskState.SUCCEEDED:
         return Outcome.SUCCEEDED
     if state is PrewarmTaskState.FAILED:

@@ -1,10 +1,9 @@
-"""``PPIOHook``: the PPIO API connection, sync (requests) and async (httpx) calls, typed results."""
+"""``PPIOHook``: the PPIO API connection and one method per endpoint, sync (requests) and async (aiohttp)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
@@ -15,31 +14,23 @@ from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
     PPIOBadResponseError,
-    PPIOConnectionConfigError,
     PPIOError,
     PPIOInvalidInputError,
-    PPIOTimeoutError,
     PPIOTransportError,
 )
-from airflow_provider_ppio.get_provider_info import (
-    CONNECTION_TYPE,
-    DEFAULT_CONN_ID,
-    UI_FIELD_BEHAVIOUR,
-)
-from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS
-from airflow_provider_ppio.hooks._protocol import (
-    MAX_BODY_BYTES,
+from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
+from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
+    Patience,
     api_url,
-    interpret_response,
+    gave_up,
     is_loopback,
     prewarm_task_path,
-    request_headers,
+    retry_arguments,
     scrub,
     snippet,
 )
-from airflow_provider_ppio.hooks._retry import retry_arguments
 from airflow_provider_ppio.models import (
     CreatePrewarmTaskRequest,
     ListPrewarmTasksQuery,
@@ -59,13 +50,16 @@ class PPIOHook(BaseHook):
     """
     Talks to the PPIO (or Novita AI) GPU API v2 with an API key kept in an Airflow connection.
 
-    The connection's password is the API key, its host the base URL (default
-    ``https://api.ppio.com``; Novita AI users set ``https://api.novita.ai``), and its extras may set
-    ``timeout`` (seconds per request, default 30) and ``max_attempts`` (default 5).
+    The connection's password is the API key, its host the base URL (default ``https://api.ppio.com``;
+    Novita AI users set ``https://api.novita.ai``). Its extras may set ``timeout`` (seconds per
+    request, default 30), ``max_attempts`` (tries per call, default 5), ``unreachable_timeout`` (how
+    long a wait bears an API that gives no usable answer, default 600), ``ca_bundle`` (a CA file for
+    TLS) and ``verify`` (false turns certificate checks off). Both transports read the same settings.
 
     :param ppio_conn_id: The Airflow connection id.
     :param timeout: Overrides the connection's request timeout, in seconds.
     :param max_attempts: Overrides the connection's tries per call; 1 disables retries.
+    :param unreachable_timeout: Overrides the connection's bound on outages during a wait, in seconds.
     """
 
     conn_name_attr = "ppio_conn_id"
@@ -79,11 +73,16 @@ class PPIOHook(BaseHook):
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        unreachable_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.ppio_conn_id = ppio_conn_id
-        self._overrides: dict[str, Any] = {"timeout": timeout, "max_attempts": max_attempts}
+        self._overrides: dict[str, Any] = {
+            "timeout": timeout,
+            "max_attempts": max_attempts,
+            "unreachable_timeout": unreachable_timeout,
+        }
         self._async_settings: ClientSettings | None = None
 
     def __repr__(self) -> str:
@@ -100,6 +99,7 @@ class PPIOHook(BaseHook):
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         """Extra fields of the connection form (Airflow 2.11's Flask UI)."""
+        # Flask and WTForms exist only in 2.11's webserver: imported where that UI asks.
         from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
         from flask_babel import lazy_gettext
         from wtforms import IntegerField, StringField
@@ -107,14 +107,10 @@ class PPIOHook(BaseHook):
 
         return {
             "timeout": StringField(
-                lazy_gettext("Request timeout (seconds)"),
-                widget=BS3TextFieldWidget(),
-                validators=[Optional()],
+                lazy_gettext("Request timeout (seconds)"), widget=BS3TextFieldWidget(), validators=[Optional()]
             ),
             "max_attempts": IntegerField(
-                lazy_gettext("Max attempts"),
-                widget=BS3TextFieldWidget(),
-                validators=[Optional(), NumberRange(min=1)],
+                lazy_gettext("Max attempts"), widget=BS3TextFieldWidget(), validators=[Optional(), NumberRange(min=1)]
             ),
         }
 
@@ -122,7 +118,7 @@ class PPIOHook(BaseHook):
 
     @cached_property
     def settings(self) -> ClientSettings:
-        """Base URL, key, timeout and retry settings, read from the connection once per hook."""
+        """Base URL, key, timeouts, retry and TLS settings, read from the connection once per hook."""
         conn = self.get_connection(self.ppio_conn_id)
         settings = self._build_settings(conn.host, conn.password, conn.extra_dejson)
         mask_secret(settings.api_key)
@@ -141,34 +137,46 @@ class PPIOHook(BaseHook):
         )
         if not settings.base_url.startswith("https://") and not is_loopback(settings.base_url):
             self.log.warning(
-                "Connection %r sends the API key over plain http to %s; use https",
-                self.ppio_conn_id,
-                settings.base_url,
+                "Connection %r sends the API key over plain http to %s; use https", self.ppio_conn_id, settings.base_url
+            )
+        if not settings.tls.verify:
+            self.log.warning(
+                "Connection %r does not verify the API's TLS certificate (verify=false)", self.ppio_conn_id
             )
         return settings
 
-    # -- sync transport ----------------------------------------------------------------------------
+    def _key_rotated(self) -> bool:
+        """After a 401: read the connection again; True (and new settings) if its key changed."""
+        old = self.settings
+        conn = self.get_connection(self.ppio_conn_id)
+        new = self._build_settings(conn.host, conn.password, conn.extra_dejson)
+        if new.api_key == old.api_key:
+            return False
+        mask_secret(new.api_key)
+        self.__dict__["settings"] = new
+        self.__dict__.pop("session", None)
+        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
+        return True
+
+    async def _akey_rotated(self) -> bool:
+        """Async :meth:`_key_rotated`."""
+        old = await self.aget_settings()
+        self._async_settings = None
+        new = await self.aget_settings()
+        if new.api_key == old.api_key:
+            return False
+        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
+        return True
+
+    # -- calls -------------------------------------------------------------------------------------
 
     @cached_property
     def session(self) -> requests.Session:
-        """One keep-alive ``requests.Session`` per hook, with auth and user agent headers."""
-        import requests
+        """One keep-alive ``requests.Session`` per hook (TLS and proxy from :attr:`settings`)."""
+        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
+        from airflow_provider_ppio.hooks import _sync
 
-        from airflow_provider_ppio.hooks._deadline import DeadlineAdapter
-
-        session = requests.Session()
-        session.headers.update(request_headers(self.settings, json_body=False))
-        # Per-read timeouts cannot stop a server that trickles its headers; this adapter can.
-        session.mount("http://", DeadlineAdapter())
-        session.mount("https://", DeadlineAdapter())
-        # requests re-reads the proxy and CA-bundle variables (HTTPS_PROXY, NO_PROXY,
-        # REQUESTS_CA_BUNDLE...) from the environment on every call, a tenth of a poke's CPU: read
-        # them once per hook instead. ~/.netrc is not consulted: it would replace the API key.
-        environment = session.merge_environment_settings(self.settings.base_url, {}, None, None, None)
-        session.proxies.update(environment["proxies"])
-        session.verify = environment["verify"]
-        session.trust_env = False
-        return session
+        return _sync.new_session(self.settings)
 
     def request(
         self,
@@ -179,10 +187,13 @@ class PPIOHook(BaseHook):
         json: Any = None,
         idempotent: bool = True,
         allow_empty: bool = False,
+        patience: Patience | None = None,
         settings: ClientSettings | None = None,
     ) -> Any:
         """
         Call the API with the shared retry policy and return the decoded JSON body.
+
+        A 401 makes the hook read its connection again: a key rotated meanwhile is used at once.
 
         :param method: HTTP method.
         :param path: API path starting with ``/``, e.g. ``/gpus/v2/prewarm-tasks``.
@@ -190,73 +201,30 @@ class PPIOHook(BaseHook):
         :param json: JSON body, if any.
         :param idempotent: False for calls that must not run twice; see ``is_retryable``.
         :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
+        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         :param settings: Use these instead of the connection's (e.g. fewer attempts).
         """
         from tenacity import Retrying
 
-        settings = settings or self.settings
-        url = api_url(settings, path)
-        what = f"{method} {path}"
-        for attempt in Retrying(**retry_arguments(settings, what=what, log=self.log, idempotent=idempotent)):
-            with attempt:
-                return self._request_once(settings, method, url, path, params, json, allow_empty)
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        from airflow_provider_ppio.hooks import _sync
 
-    def _request_once(
-        self,
-        settings: ClientSettings,
-        method: str,
-        url: str,
-        path: str,
-        params: Mapping[str, Any] | None,
-        json: Any,
-        allow_empty: bool,
-    ) -> Any:
-        import requests
-        import urllib3
-
-        from airflow_provider_ppio.hooks._deadline import deadline as headers_deadline
-
-        deadline = time.monotonic() + settings.timeout
-        headers = {"Content-Type": "application/json"} if json is not None else None
-        try:
-            with headers_deadline(deadline) as watchdog:
-                response = self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    json=json,
-                    headers=headers,
-                    timeout=(settings.connect_timeout, settings.timeout),
-                    stream=True,
-                    allow_redirects=False,
-                )
-        except requests.RequestException as err:
-            if watchdog.fired:
-                raise _headers_timeout(method, path, settings) from None
-            raise _transport_error(method, path, settings, err) from None
-        if watchdog.fired:  # the cut connection may look like a complete (empty) answer
-            response.close()
-            raise _headers_timeout(method, path, settings)
-        with response:
+        api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
+        for rotation in (False, True):
+            current = settings or self.settings
+            what = f"{method} {path}"
+            policy = retry_arguments(current, what=what, log=self.log, idempotent=idempotent, patience=patience)
             try:
-                body = _read_body(response, deadline, method, path)
-            except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as err:
-                raise _undecodable(method, path, response.headers, err) from None
-            except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
-                # Reading the raw stream raises urllib3's errors (a reset or cut-off body), not requests'.
-                raise _transport_error(method, path, settings, err) from None
-            return interpret_response(
-                method=method,
-                path=path,
-                status=response.status_code,
-                headers=response.headers,
-                body=body,
-                secret=settings.api_key,
-                allow_empty=allow_empty,
-            )
-
-    # -- async transport ---------------------------------------------------------------------------
+                for attempt in Retrying(**policy):
+                    with attempt:
+                        return _sync.send(
+                            self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
+                        )
+            except PPIOAuthError as err:
+                if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
+                    raise
+            except PPIOError as err:
+                raise err if patience is None else gave_up(err, patience, what) from None
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     async def arequest(
         self,
@@ -267,11 +235,12 @@ class PPIOHook(BaseHook):
         json: Any = None,
         idempotent: bool = True,
         allow_empty: bool = False,
+        patience: Patience | None = None,
     ) -> Any:
         """
-        The async twin of :meth:`request`: same URL rules, retry policy and error mapping.
+        The async twin of :meth:`request`: same URL rules, retry policy, key rotation and errors.
 
-        Uses the process-wide shared async client (httpx transports) for this base URL and key.
+        Requests go through the process-wide shared ``aiohttp`` session for the TLS and proxy setting.
 
         :param method: HTTP method.
         :param path: API path starting with ``/``.
@@ -279,57 +248,30 @@ class PPIOHook(BaseHook):
         :param json: JSON body, if any.
         :param idempotent: False for calls that must not run twice.
         :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
+        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         """
         from tenacity import AsyncRetrying
 
-        settings = await self.aget_settings()
-        url = api_url(settings, path)
-        what = f"{method} {path}"
-        retrying = AsyncRetrying(**retry_arguments(settings, what=what, log=self.log, idempotent=idempotent))
-        async for attempt in retrying:
-            with attempt:
-                return await self._arequest_once(settings, method, url, path, params, json, allow_empty)
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        from airflow_provider_ppio.hooks import _async
 
-    async def _arequest_once(
-        self,
-        settings: ClientSettings,
-        method: str,
-        url: str,
-        path: str,
-        params: Mapping[str, Any] | None,
-        json: Any,
-        allow_empty: bool,
-    ) -> Any:
-        import httpx
-
-        headers = request_headers(settings, json_body=json is not None)
-        async with SHARED_ASYNC_CLIENTS.lease(settings) as client:
+        api_url(await self.aget_settings(), path)
+        for rotation in (False, True):
+            settings = await self.aget_settings()
+            what = f"{method} {path}"
+            policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
             try:
-                async with asyncio.timeout(settings.timeout):
-                    async with client.stream(method, url, params=params, json=json, headers=headers) as response:
-                        body = bytearray()
-                        async for chunk in response.aiter_bytes():
-                            body += chunk
-                            if len(body) > MAX_BODY_BYTES:
-                                raise _too_large(method, path)
-            except TimeoutError:
-                raise PPIOTimeoutError(
-                    f"{method} {path}: no complete answer from {settings.base_url} within {settings.timeout:g}s"
-                ) from None
-            except httpx.TransportError as err:
-                raise _transport_error(method, path, settings, err) from None
-            except httpx.DecodingError as err:
-                raise _undecodable(method, path, response.headers, err) from None
-        return interpret_response(
-            method=method,
-            path=path,
-            status=response.status_code,
-            headers=response.headers,
-            body=bytes(body),
-            secret=settings.api_key,
-            allow_empty=allow_empty,
-        )
+                async with _async.SHARED_SESSIONS.lease(settings) as session:
+                    async for attempt in AsyncRetrying(**policy):
+                        with attempt:
+                            return await _async.send(
+                                session, settings, method, path, params=params, json=json, allow_empty=allow_empty
+                            )
+            except PPIOAuthError as err:
+                if rotation or err.http_status != 401 or not await self._akey_rotated():
+                    raise
+            except PPIOError as err:
+                raise err if patience is None else gave_up(err, patience, what) from None
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     # -- API calls ---------------------------------------------------------------------------------
 
@@ -351,21 +293,33 @@ class PPIOHook(BaseHook):
         """
         return await self.arequest("GET", path, params=params)
 
-    def get_prewarm_task(self, task_id: str) -> PrewarmTask:
+    def get_prewarm_task(self, task_id: str, *, patient: bool = False, deadline: float | None = None) -> PrewarmTask:
         """
         Read one prewarm task.
 
         :param task_id: The prewarm task id (1-255 characters).
+        :param patient: For waits: retry transient errors until ``unreachable_timeout`` (then raise
+            :class:`~airflow_provider_ppio.exceptions.PPIOUnreachableError`) instead of ``max_attempts`` times.
+        :param deadline: With ``patient``, a Unix time at which to stop retrying and raise the last error.
         """
-        return _the_task_asked_for(task_id, self.get(prewarm_task_path(task_id)), self.settings.api_key)
+        path = prewarm_task_path(task_id)
+        patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
+        return _the_task_asked_for(task_id, self.request("GET", path, patience=patience), self.settings.api_key)
 
-    async def aget_prewarm_task(self, task_id: str) -> PrewarmTask:
+    async def aget_prewarm_task(
+        self, task_id: str, *, patient: bool = False, deadline: float | None = None
+    ) -> PrewarmTask:
         """
         Async :meth:`get_prewarm_task`, for triggers.
 
         :param task_id: The prewarm task id (1-255 characters).
+        :param patient: For waits: retry transient errors until ``unreachable_timeout``.
+        :param deadline: With ``patient``, a Unix time at which to stop retrying and raise the last error.
         """
-        answer = await self.aget(prewarm_task_path(task_id))
+        path = prewarm_task_path(task_id)
+        settings = await self.aget_settings()
+        patience = Patience(settings.unreachable_timeout, deadline) if patient else None
+        answer = await self.arequest("GET", path, patience=patience)
         return _the_task_asked_for(task_id, answer, (await self.aget_settings()).api_key)
 
     def create_prewarm_task(
@@ -379,8 +333,8 @@ class PPIOHook(BaseHook):
         """
         Start prewarming ``image`` in ``region_id`` and return the new task's id.
 
-        A create is retried only when the API surely did not act on it: when the connection was
-        refused, or on a 429. After a timeout, a reset connection or a 5xx the request may have
+        A create is retried only when the API surely did not act on it: when no connection was
+        made, or on a 429. After a timeout, a reset connection or a 5xx the request may have
         created a task, so the error is raised instead of sending a second create; look the task up
         with :meth:`list_prewarm_tasks` (the create operator does this for you).
 
@@ -391,18 +345,11 @@ class PPIOHook(BaseHook):
         :param note: Free-text note.
         """
         body = CreatePrewarmTaskRequest.build(
-            image=image,
-            region_id=region_id,
-            product_ids=product_ids,
-            registry_auth_id=registry_auth_id,
-            note=note,
+            image=image, region_id=region_id, product_ids=product_ids, registry_auth_id=registry_auth_id, note=note
         )
         payload = body.model_dump(exclude_none=True)
         answer = self.request("POST", PREWARM_TASKS_PATH, json=payload, idempotent=False, allow_empty=True)
-        task_id = created_task_id(answer)
-        if task_id is None:
-            task_id = self._find_created_task(body)
-        return task_id
+        return created_task_id(answer) or self._find_created_task(body)
 
     def _find_created_task(self, body: CreatePrewarmTaskRequest) -> str:
         """The create answer named no id: find the newest matching task, as the docs advise."""
@@ -476,15 +423,40 @@ class PPIOHook(BaseHook):
                 api_key=settings.api_key,
                 timeout=min(settings.timeout, 10.0),
                 max_attempts=1,
+                tls=settings.tls,
+                proxy=settings.proxy,
             )
             self.request("GET", PREWARM_TASKS_PATH, params={"limit": 1}, settings=quick)
         except PPIOAuthError as err:
             return False, f"The API key was refused (HTTP {err.http_status}): {err.api_message or err}"
         except PPIOTransportError as err:
             return False, f"Could not reach the PPIO API: {err}"
-        except (PPIOConnectionConfigError, PPIOError) as err:
+        except PPIOError as err:
             return False, str(err)
         return True, f"Connected to the PPIO API at {settings.base_url}; the API key was accepted"
+
+
+class PPIOHookMixin:
+    """Gives an operator, sensor or trigger a lazily built :class:`PPIOHook` for its ``ppio_conn_id``."""
+
+    ppio_conn_id: str
+
+    @cached_property
+    def hook(self) -> PPIOHook:
+        """The hook, built on first use so DAG parsing does no work."""
+        return PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=getattr(self, "unreachable_timeout", None))
+
+
+def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:
+    """
+    Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
+    with another one, and a gate must not open on someone else's prewarm).
+    """
+    task = PrewarmTask.from_api(answer)
+    if task.task_id != task_id:
+        returned = snippet(scrub(repr(task.task_id), secret) or "")
+        raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
+    return task
 
 
 _ConnectionFields = tuple[str | None, str | None, dict[str, Any]]
@@ -496,8 +468,8 @@ class _SharedConnectionLookups:
 
     A triggerer that restarts resumes all its triggers at once, and each one's hook would look the
     connection up (a round trip to the supervisor or the database, and on older Airflow a turn on one
-    shared worker thread: ~7 s for 10,000 waits). Only lookups in flight are shared, nothing is kept
-    after: a rotated key is seen by the next lookup.
+    shared worker thread). Only lookups in flight are shared, nothing is kept after: a rotated key is
+    seen by the next lookup.
     """
 
     def __init__(self) -> None:
@@ -537,102 +509,3 @@ class _SharedConnectionLookups:
 
 
 _CONNECTION_LOOKUPS = _SharedConnectionLookups()
-
-
-def _read_body(response: requests.Response, deadline: float, method: str, path: str) -> bytes:
-    """Read the whole body, bounded in size and in total time (a trickling server cannot stall us)."""
-    raw = response.raw
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        if time.monotonic() > deadline:
-            raise PPIOTimeoutError(f"{method} {path}: the answer did not arrive within the request timeout")
-        chunk = raw.read1(65536, decode_content=True) if hasattr(raw, "read1") else raw.read(65536)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large(method, path)
-        chunks.append(chunk)
-
-
-def _headers_timeout(method: str, path: str, settings: ClientSettings) -> PPIOTimeoutError:
-    return PPIOTimeoutError(
-        f"{method} {path}: no complete answer from {settings.base_url} within {settings.timeout:g}s"
-    )
-
-
-def _too_large(method: str, path: str) -> PPIOBadResponseError:
-    return PPIOBadResponseError(f"{method} {path}: the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
-
-
-def _undecodable(method: str, path: str, headers: Mapping[str, str], err: Exception) -> PPIOBadResponseError:
-    """The body does not decode as its ``Content-Encoding`` says (a broken proxy or server, not a network fault)."""
-    encoding = snippet(headers.get("Content-Encoding", "") or "none")
-    return PPIOBadResponseError(
-        f"{method} {path}: the answer's body could not be decoded (Content-Encoding: {encoding}): {_root_cause(err)}"
-    )
-
-
-def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:
-    """
-    Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
-    with another one, and a gate must not open on someone else's prewarm).
-    """
-    task = PrewarmTask.from_api(answer)
-    if task.task_id != task_id:
-        returned = snippet(scrub(repr(task.task_id), secret) or "")
-        raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
-    return task
-
-
-def _transport_error(method: str, path: str, settings: ClientSettings, err: Exception) -> PPIOTransportError:
-    """Map a requests or httpx exception to the typed error, noting whether the request may have left."""
-    import httpx
-    import requests
-    import urllib3
-
-    sent = True
-    cls: type[PPIOTransportError] = PPIOTransportError
-    if isinstance(err, (requests.Timeout, httpx.TimeoutException, urllib3.exceptions.TimeoutError)):
-        cls = PPIOTimeoutError
-    if isinstance(err, (requests.ConnectTimeout, httpx.ConnectError, httpx.ConnectTimeout)) or (
-        isinstance(err, requests.ConnectionError) and _never_connected(err)
-    ):
-        sent = False
-    detail = _root_cause(err)
-    message = f"{method} {path}: could not get an answer from {settings.base_url}: {detail}"
-    if cls is PPIOTimeoutError:
-        message = f"{method} {path}: {settings.base_url} did not answer within {settings.timeout:g}s ({detail})"
-    return cls(message, request_sent=sent)
-
-
-def _never_connected(err: BaseException) -> bool:
-    from urllib3.exceptions import NewConnectionError
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, NewConnectionError):
-            return True
-        reason = getattr(seen, "reason", None)
-        if isinstance(reason, BaseException) and reason is not seen:
-            seen = reason
-            continue
-        args = getattr(seen, "args", ())
-        seen = args[0] if args and isinstance(args[0], BaseException) else seen.__context__
-    return False
-
-
-def _root_cause(err: BaseException) -> str:
-    """The innermost error's class and text, short (no headers, no key)."""
-    seen = err
-    while True:
-        inner = getattr(seen, "reason", None)
-        if not isinstance(inner, BaseException):
-            args = getattr(seen, "args", ())
-            inner = args[0] if args and isinstance(args[0], BaseException) else None
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    text = " ".join(str(seen).split())
-    return f"{type(seen).__name__}: {text[:200]}" if text else type(seen).__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +16,23 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
+from airflow_provider_ppio.exceptions import (
+    PPIOBadResponseError,
+    PPIOError,
+    PPIOInvalidInputError,
+    PPIONotFoundError,
+    PPIOPrewarmFailedError,
+    PPIOServerError,
+    PPIOTransportError,
+)
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks.mixin import PPIOHookMixin
+from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
+from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting, outcome_of
+from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, MIN_DEFERRED_POKE_INTERVAL
+from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
-
-    from airflow_provider_ppio.models import Outcome, PrewarmTask
 
 
 class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):
@@ -98,10 +109,13 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     :param note: Free-text note (templated); the idempotency marker is appended to it.
     :param ppio_conn_id: The PPIO connection id (templated).
     :param wait_for_completion: Wait until the prewarm succeeds (default) or return once it is created.
-    :param poll_interval: Seconds between two reads of the prewarm task while waiting.
+    :param poke_interval: Seconds between two reads of the prewarm task while waiting (the sensor's name).
     :param timeout: Longest wait in this try, in seconds or as a ``timedelta``; None waits forever.
     :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
     :param reuse_existing: Look for this task instance's prewarm (by marker) before creating one.
+    :param unreachable_timeout: Seconds the API may give no usable answer during the wait before the task
+        fails; defaults to the connection's extra of that name, else 600.
+    :param poll_interval: Deprecated name of ``poke_interval``.
     """
 
     template_fields: Sequence[str] = (
@@ -125,10 +139,12 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         note: str | None = None,
         ppio_conn_id: str = DEFAULT_CONN_ID,
         wait_for_completion: bool = True,
-        poll_interval: float = 30.0,
+        poke_interval: float = 30.0,
         timeout: float | datetime.timedelta | None = datetime.timedelta(hours=6),
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         reuse_existing: bool = True,
+        unreachable_timeout: float | None = None,
+        poll_interval: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -139,10 +155,20 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self.note = note
         self.ppio_conn_id = ppio_conn_id
         self.wait_for_completion = wait_for_completion
-        self.poll_interval = _positive_seconds("poll_interval", poll_interval)
+        if poll_interval is not None:
+            warnings.warn(
+                "poll_interval is deprecated; use poke_interval (the sensor's name for the same thing)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            poke_interval = poll_interval
+        self.poke_interval = _positive_seconds("poke_interval", poke_interval)
         self.timeout = None if timeout is None else _positive_seconds("timeout", timeout)
         self.deferrable = deferrable
         self.reuse_existing = reuse_existing
+        self.unreachable_timeout = (
+            None if unreachable_timeout is None else _positive_seconds("unreachable_timeout", unreachable_timeout)
+        )
         if self.outlets and not wait_for_completion:
             raise ValueError(
                 f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
@@ -173,13 +199,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
         :param context: The task context.
         """
-        from airflow_provider_ppio.exceptions import (
-            PPIOBadResponseError,
-            PPIOError,
-            PPIOServerError,
-            PPIOTransportError,
-        )
-
         marker = idempotency_marker(context)
         if self.reuse_existing:
             found = self._find_reusable(marker)
@@ -216,8 +235,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         :param external_id: The stored prewarm task id.
         :param context: The task context.
         """
-        from airflow_provider_ppio.exceptions import PPIONotFoundError
-
         try:
             task = self.hook.get_prewarm_task(str(external_id))
         except PPIONotFoundError:
@@ -232,9 +249,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
         :param status: The raw ``status.status``.
         """
-        from airflow_provider_ppio.models import Outcome
-
-        return status != _MISSING and _outcome(status) is Outcome.WAITING
+        return status != _MISSING and outcome_of(status) is Outcome.WAITING
 
     def is_job_succeeded(self, status: str) -> bool:
         """
@@ -242,9 +257,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
         :param status: The raw ``status.status``.
         """
-        from airflow_provider_ppio.models import Outcome
-
-        return status != _MISSING and _outcome(status) is Outcome.SUCCEEDED
+        return status != _MISSING and outcome_of(status) is Outcome.SUCCEEDED
 
     def poll_until_complete(self, external_id: Any, context: Context) -> Any:
         """
@@ -256,8 +269,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         :param external_id: The prewarm task id.
         :param context: The task context.
         """
-        from airflow_provider_ppio.exceptions import PPIOError
-
         task_id = str(external_id)
         self._push_id(task_id, context)
         if not self.wait_for_completion:
@@ -266,11 +277,12 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         deadline = None if self.timeout is None else time.time() + self.timeout
         while True:
             try:
-                task = self._read_and_push(task_id, context)
+                task = self._read_and_push(task_id, context, deadline=deadline)
             except PPIOError as err:
-                if not err.transient:
+                # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
+                if not (err.transient and deadline is not None and time.time() >= deadline):
                     raise
-                self.log.warning("Could not read prewarm task %s, will try again: %s", task_id, err)
+                self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
             else:
                 if self._finished(task):
                     return self.get_job_result(task_id, context)
@@ -278,7 +290,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 self._defer(task_id, deadline)
             if deadline is not None and time.time() >= deadline:
                 self._timed_out(task_id)
-            wait = self.poll_interval if deadline is None else min(self.poll_interval, deadline - time.time())
+            wait = self.poke_interval if deadline is None else min(self.poke_interval, deadline - time.time())
             time.sleep(max(0.0, wait))
 
     def get_job_result(self, external_id: Any, context: Context) -> dict[str, Any]:
@@ -302,14 +314,12 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     # -- deferrable ----------------------------------------------------------------------------------
 
     def _defer(self, task_id: str, deadline: float | None) -> None:
-        from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, MIN_DEFERRED_POKE_INTERVAL
-        from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
-
         trigger = PrewarmTaskTrigger(
             prewarm_task_id=task_id,
             ppio_conn_id=self.ppio_conn_id,
-            poke_interval=max(self.poll_interval, MIN_DEFERRED_POKE_INTERVAL),
+            poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
+            unreachable_timeout=self.unreachable_timeout,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
         backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
@@ -345,8 +355,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
     def _find_reusable(self, marker: str) -> str | None:
         """This task instance's newest pending, running or succeeded prewarm task, by marker."""
-        from airflow_provider_ppio.models import Outcome
-
         candidates = [
             task
             for task in self.hook.list_prewarm_tasks(region_id=self.region_id, name=marker)
@@ -366,8 +374,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self._task = task
         return task.task_id
 
-    def _read_and_push(self, task_id: str, context: Context) -> PrewarmTask:
-        task = self.hook.get_prewarm_task(task_id)
+    def _read_and_push(self, task_id: str, context: Context, *, deadline: float | None = None) -> PrewarmTask:
+        task = self.hook.get_prewarm_task(task_id, patient=True, deadline=deadline)
         self._task = task
         self._push_details(task, context)
         return task
@@ -384,11 +392,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
     def _finished(self, task: PrewarmTask) -> bool:
         """The sensor's decision: True on success, AirflowFailException on failure, else keep waiting."""
-        from airflow_provider_ppio.models import Outcome, log_waiting
-
         outcome = task.outcome
         if outcome is Outcome.FAILED:
-            raise AirflowFailException(task.failure_summary())
+            raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
         if outcome is Outcome.SUCCEEDED:
             return True
         log_waiting(self.log, task)
@@ -403,9 +409,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         )
 
     def _complete(self, task: PrewarmTask, context: Context) -> dict[str, Any]:
-        from airflow_provider_ppio.assets import attach_prewarm_asset_events
-        from airflow_provider_ppio.models import Outcome
-
         details = task.to_xcom()
         if task.outcome is Outcome.SUCCEEDED:
             self.log.info(
@@ -415,7 +418,10 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 task.region_id,
                 task.image_size,
             )
-            if self.wait_for_completion:
+            if self.wait_for_completion and self.outlets:
+                # Asset classes differ between Airflow lines; only needed when there are outlets.
+                from airflow_provider_ppio.assets import attach_prewarm_asset_events
+
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
         self._result = details
         return details
@@ -443,8 +449,6 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     :param event: The event payload.
     :param expected_task_id: The prewarm task the trigger was started for.
     """
-    from airflow_provider_ppio.models import Outcome
-    from airflow_provider_ppio.triggers.prewarm import task_from_event
 
     def timed_out(message: str) -> AirflowFailException:
         return AirflowFailException(
@@ -454,22 +458,32 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
 
     task = task_from_event(event, expected_task_id=expected_task_id, reader="operator", timeout_error=timed_out)
     if task.outcome is Outcome.FAILED:
-        raise AirflowFailException(task.failure_summary())
+        raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
     return task
 
 
 class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
     """
-    Delete prewarm tasks, e.g. as the teardown of a DAG that created them; returns the ids sent.
+    Delete prewarm tasks, e.g. as the teardown of a DAG that created them.
 
     ``prewarm_task_ids`` takes one id, a list of ids, the details dicts pushed by the other
     operators and the sensor (their ``task_id`` is used), or a mix, such as
     ``create.output["prewarm_task_id"]`` of a mapped :class:`PPIOCreatePrewarmTaskOperator`. Empty
     entries are skipped and duplicates sent once.
 
-    By default an id the API does not know is not an error (the task was cleaned up already). With
-    ``fail_on_missing=True`` every id is read first and the task fails, deleting nothing, if any is
-    unknown.
+    A template such as ``"{{ ti.xcom_pull(task_ids='prewarm') }}"`` renders to a string unless the DAG
+    sets ``render_template_as_native_obj=True``; a string that is a rendered list, tuple or details dict
+    (JSON or Python literal) is read as what it shows. Anything else that is not an id (a number, a
+    literal that does not parse, ``"None"``, an id with whitespace or a comma, a dict without
+    ``task_id``) fails the task before any request: see :func:`collect_prewarm_task_ids` for the rules.
+
+    By default an id the API does not know is not an error (the task was cleaned up already); when
+    none of the ids was known a warning says that nothing was deleted. With ``fail_on_missing=True``
+    every id is read first and the task fails, deleting nothing, if any is unknown.
+
+    Returns (XCom ``return_value``) ``{"deleted": [...], "not_found": [...]}``: the ids the API accepted
+    the delete for, and those it answered 404 for. An API that ignores unknown ids in a batch delete
+    (as the emulator does) lists them under ``deleted``.
 
     :param prewarm_task_ids: The prewarm task ids (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
@@ -492,22 +506,22 @@ class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
         self.ppio_conn_id = ppio_conn_id
         self.fail_on_missing = fail_on_missing
 
-    def execute(self, context: Context) -> list[str]:
+    def execute(self, context: Context) -> dict[str, list[str]]:
         """
-        Delete the tasks and return their ids.
+        Delete the tasks; return ``{"deleted": [...], "not_found": [...]}``.
 
         :param context: The task context.
         """
-        from airflow_provider_ppio.exceptions import PPIONotFoundError
-
-        ids = collect_prewarm_task_ids(self.prewarm_task_ids)
+        ids = collect_prewarm_task_ids(self.prewarm_task_ids)  # refuses bad input before any request
         if not ids:
             self.log.info("No prewarm task to delete")
-            return []
+            return {"deleted": [], "not_found": []}
         if self.fail_on_missing:
             missing = [task_id for task_id in ids if not self._exists(task_id)]
             if missing:
                 raise PPIONotFoundError(f"Prewarm tasks not found, nothing deleted: {', '.join(missing)}")
+        deleted: list[str] = ids
+        not_found: list[str] = []
         try:
             self.hook.delete_prewarm_tasks(ids)
         except PPIONotFoundError:
@@ -520,16 +534,22 @@ class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
                 try:
                     self.hook.delete_prewarm_tasks([task_id])
                 except PPIONotFoundError:
-                    self.log.info("Prewarm task %s does not exist; nothing to delete", task_id)
+                    not_found.append(task_id)
                 else:
                     deleted.append(task_id)
-            ids = deleted
-        self.log.info("Deleted %d prewarm task(s): %s", len(ids), ", ".join(ids))
-        return ids
+        if not deleted:
+            self.log.warning(
+                "Nothing deleted: the API knows none of the %d prewarm task id(s): %s",
+                len(not_found),
+                ", ".join(not_found),
+            )
+        else:
+            self.log.info("Deleted %d prewarm task(s): %s", len(deleted), ", ".join(deleted))
+            if not_found:
+                self.log.info("Not found (already deleted?) %d: %s", len(not_found), ", ".join(not_found))
+        return {"deleted": deleted, "not_found": not_found}
 
     def _exists(self, task_id: str) -> bool:
-        from airflow_provider_ppio.exceptions import PPIONotFoundError
-
         try:
             self.hook.get_prewarm_task(task_id)
         except PPIONotFoundError:
@@ -541,28 +561,87 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
     """
     Flatten ids, details dicts (``task_id``) and (nested) lists of them into unique ids, in order.
 
+    Without ``render_template_as_native_obj`` a templated list arrives as its string form, so a string is
+    read this way (surrounding whitespace ignored):
+
+    * empty: skipped, like ``None`` and ``""`` anywhere;
+    * starting with ``[``, ``(`` or ``{``: a rendered list, tuple or dict, read with ``json.loads`` and
+      else ``ast.literal_eval`` (never ``eval``), then flattened by the same rules; one that reads as
+      neither is refused;
+    * anything else is one id: 1-255 characters, not ``.`` or ``..`` (the hook's rules), and, because
+      these mean a value went wrong on the way, without whitespace, control characters, commas or quotes,
+      and not ``None`` / ``null`` (what a template renders for an XCom that was not found).
+
+    A dict must carry a string ``task_id``; numbers, booleans, bytes and other objects are refused. Every
+    refusal is a :class:`~airflow_provider_ppio.exceptions.PPIOInvalidInputError` raised before any request.
+
     :param value: What ``prewarm_task_ids`` rendered to.
     """
-    from airflow_provider_ppio.exceptions import PPIOInvalidInputError
+    import ast  # stdlib and cheap; here so that only this function's block of the module changed
+    import json
 
-    ids: list[str] = []
+    max_length = 255  # the hook's limit (prewarm_task_path), checked before anything is sent
+    how = (
+        "pass the ids themselves: an XComArg such as create.output['prewarm_task_id'], a list, or a template "
+        "on a DAG with render_template_as_native_obj=True (otherwise '{{ ti.xcom_pull(...) }}' renders to a string)"
+    )
+    ids: dict[str, None] = {}  # ordered and unique
+
+    def refuse(problem: str, item: Any) -> PPIOInvalidInputError:
+        shown = repr(item)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return PPIOInvalidInputError(f"prewarm_task_ids: {shown} {problem}; {how}")
+
+    def parse(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise refuse("looks like a list or dict but is neither valid JSON nor a Python literal", text) from None
+
+    def visit_string(item: str, *, literals: bool = True) -> None:
+        text = item.strip()
+        if not text:
+            return
+        if literals and text[0] in "[({":
+            parsed = parse(text)
+            if not isinstance(parsed, list | tuple | set | frozenset | dict):
+                raise refuse(f"reads as a value of type {type(parsed).__name__}, not a list of ids", item)
+            visit(parsed)
+            return
+        if text[0] in "[({":
+            raise refuse("is a list or dict literal where one id belongs", item)
+        if text in ("None", "null"):
+            raise refuse("is what a template renders when the XCom it pulls does not exist", item)
+        if len(text) > max_length:
+            raise refuse(f"is {len(text)} characters long; an id has at most {max_length}", item)
+        if text in (".", ".."):
+            raise refuse("is not a valid id", item)
+        if any(char.isspace() or not char.isprintable() or char in ",'\"" for char in text):
+            raise refuse("is not one id: it holds whitespace, a comma or a quote", item)
+        ids[text] = None
 
     def visit(item: Any) -> None:
-        if item is None or item == "":
+        if item is None:
             return
         if isinstance(item, str):
-            if item not in ids:
-                ids.append(item)
+            visit_string(item)
         elif isinstance(item, Mapping):
-            visit(item.get("task_id"))
-        elif isinstance(item, Iterable):
+            task_id = item.get("task_id")
+            if not isinstance(task_id, str) or not task_id.strip():
+                raise refuse("is a dict without a task_id; expected prewarm task details", item)
+            visit_string(task_id, literals=False)
+        elif isinstance(item, bytes | bytearray) or not isinstance(item, Iterable):
+            raise refuse(f"is a value of type {type(item).__name__}, not an id", item)
+        else:
             for element in item:
                 visit(element)
-        else:
-            raise PPIOInvalidInputError(f"prewarm_task_ids holds a {type(item).__name__}, not an id")
 
     visit(value)
-    return ids
+    return list(ids)
 
 
 def _positive_seconds(name: str, value: float | datetime.timedelta) -> float:
@@ -570,10 +649,3 @@ def _positive_seconds(name: str, value: float | datetime.timedelta) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(seconds)
-
-
-def _outcome(status: str) -> Outcome:
-    """The shared decision (``models.decide``) for a raw status string."""
-    from airflow_provider_ppio.models import PrewarmTask, PrewarmTaskStatus, decide
-
-    return decide(PrewarmTask.model_construct(task_id="", status=PrewarmTaskStatus.model_construct(status=status)))

@@ -7,15 +7,31 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from airflow.providers.common.compat.sdk import AirflowFailException, BaseSensorOperator, PokeReturnValue, conf
+from airflow.providers.common.compat.sdk import (
+    AirflowException,
+    AirflowFailException,
+    AirflowSensorTimeout,
+    AirflowSkipException,
+    AirflowTaskTimeout,
+    BaseSensorOperator,
+    PokeReturnValue,
+    conf,
+)
+
+from airflow_provider_ppio.exceptions import PPIOError, PPIOPrewarmFailedError
+
+try:
+    from airflow.sdk.exceptions import AirflowRescheduleException
+except ImportError:  # Airflow 2.11
+    from airflow.exceptions import AirflowRescheduleException  # type: ignore[no-redef,attr-defined,unused-ignore]
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks.mixin import PPIOHookMixin
+from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
+from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
+from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
-
-    from airflow_provider_ppio.models import PrewarmTask
 
 #: Deferred polls are at least this far apart, whatever ``poke_interval`` says (no hot loop in the triggerer).
 MIN_DEFERRED_POKE_INTERVAL = 1.0
@@ -28,22 +44,30 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
     Wait until a PPIO image prewarm task has succeeded; fail loudly if it failed.
 
     On success the task's details (image, region, size, completion time...) are pushed to XCom as
-    plain JSON (``return_value``). A failed prewarm raises ``AirflowFailException`` carrying the
-    API's error, message and reasons, so the task is not retried pointlessly and ``soft_fail``
-    turns it into a skip. Transient API trouble (rate limits, 5xx, network) that outlasts the
-    hook's retries is logged and the sensor keeps waiting, within its ``timeout``; permanent errors
-    (bad key, unknown task, unusable answers) fail the task at once.
+    plain JSON (``return_value``). Every mode (poke, reschedule, deferrable) ends the same way for
+    the same event, as tabled in docs/reliability.md:
+
+    * a failed prewarm raises :class:`~airflow_provider_ppio.exceptions.PPIOPrewarmFailedError` (an
+      ``AirflowFailException``: no task retries) with the API's error, message and reasons;
+    * the sensor's ``timeout`` raises ``AirflowSensorTimeout``;
+    * errors no retry cures (a refused key, an unknown task, a bad request, a certificate that does
+      not verify, broken connection settings) fail at once, without task retries;
+    * transient API trouble (network, 429, 5xx) is retried with backoff for up to
+      ``unreachable_timeout``; after that the task fails with the last error (task retries apply);
+    * ``soft_fail`` turns a failed prewarm and a timeout into a skip, and nothing else;
+      ``never_fail`` turns any error into a skip; ``silent_fail`` keeps waiting through errors that
+      are not failures of the prewarm itself.
 
     With ``deferrable=True`` the sensor pokes once and, if the prewarm is not finished, hands the
     wait to the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`),
-    freeing its worker slot. The trigger polls every ``poke_interval`` and stops at the sensor's
-    ``timeout`` with :class:`AirflowSensorTimeout` (a skip with ``soft_fail``); the outcome, the
-    XCom and the errors are the same as in poke mode.
+    freeing its worker slot.
 
     :param prewarm_task_id: Id of the prewarm task to wait for (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
     :param deferrable: Wait in the triggerer instead of a worker slot; defaults to
         ``[operators] default_deferrable``.
+    :param unreachable_timeout: Seconds the API may give no usable answer before the task fails;
+        defaults to the connection's extra of that name, else 600.
     """
 
     template_fields: Sequence[str] = ("prewarm_task_id", "ppio_conn_id")
@@ -55,12 +79,17 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         prewarm_task_id: str,
         ppio_conn_id: str = DEFAULT_CONN_ID,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        unreachable_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
         self.deferrable = deferrable
+        self.unreachable_timeout = unreachable_timeout
+        self._deadline: float | None = None
+
+    # -- modes ---------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
         """
@@ -68,74 +97,95 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
 
         :param context: The task context.
         """
-        if not self.deferrable:
-            return super().execute(context)
-        deadline = time.time() + self.timeout
-        answer = self._first_poke(context)
-        if answer:
-            return answer.xcom_value if isinstance(answer, PokeReturnValue) else None
-        from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+        try:
+            if not self.deferrable:
+                self._deadline = _poke_deadline(self, context)
+                return super().execute(context)
+            self._deadline = time.time() + self.timeout
+            try:
+                answer = self.poke(context)
+            except AirflowException as err:
+                if not self._keeps_waiting_through(err):
+                    raise
+                answer = False
+            if answer:
+                return answer.xcom_value if isinstance(answer, PokeReturnValue) else None
+            self._defer(self._deadline)
+        except (AirflowException, AirflowTaskTimeout) as err:
+            raise self._ending(err)  # noqa: B904 - the ending keeps its cause
 
+    def _defer(self, deadline: float) -> None:
         trigger = PrewarmTaskTrigger(
             prewarm_task_id=self.prewarm_task_id,
             ppio_conn_id=self.ppio_conn_id,
             poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
+            unreachable_timeout=self.unreachable_timeout,
         )
         # The trigger ends the wait itself at the deadline; Airflow's deferral timeout, a little later,
         # is only the backstop for a triggerer that is down.
         backstop = max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
-        self.defer(trigger=trigger, method_name="execute_complete", timeout=datetime.timedelta(seconds=backstop))
+        self.defer(
+            trigger=trigger,
+            method_name="execute_complete",
+            kwargs={"deadline": deadline},
+            timeout=datetime.timedelta(seconds=backstop),
+        )
 
-    def _first_poke(self, context: Context) -> PokeReturnValue | bool:
-        """The poke before deferring, with ``soft_fail`` applied as ``BaseSensorOperator.execute`` does."""
-        from airflow.providers.common.compat.sdk import AirflowSkipException
-
-        try:
-            return self.poke(context)
-        except AirflowFailException as err:
-            if self.soft_fail or getattr(self, "never_fail", False):
-                raise AirflowSkipException(f"Skipping due to soft_fail: {err}") from err
-            raise
-
-    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None, deadline: float = 0.0) -> Any:
         """
         Finish a deferred wait from the trigger's event; anything unexpected fails the task.
 
-        Success returns the same XCom as poke mode; a failed prewarm raises the same
-        ``AirflowFailException``; a timeout raises ``AirflowSensorTimeout``; a permanent API error
-        raises the same error class as in poke mode.
+        Success returns the same XCom as poke mode; every other event raises what poke mode raises.
 
         :param context: The task context.
         :param event: The payload of the trigger's event.
+        :param deadline: The wait's deadline (Unix time), kept for a ``silent_fail`` wait that goes on.
         """
-        from airflow.providers.common.compat.sdk import AirflowSensorTimeout
-
-        from airflow_provider_ppio.triggers.prewarm import task_from_event
 
         def timed_out(message: str) -> AirflowSensorTimeout:
             return AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
 
-        task = task_from_event(event, expected_task_id=self.prewarm_task_id, reader="sensor", timeout_error=timed_out)
+        try:
+            task = task_from_event(
+                event, expected_task_id=self.prewarm_task_id, reader="sensor", timeout_error=timed_out
+            )
+        except AirflowException as err:
+            if deadline and time.time() < deadline and self._keeps_waiting_through(err):
+                self._defer(deadline)
+            raise
         # The poke mode's decision, so both modes end alike: the task has succeeded (a PokeReturnValue with
-        # the details) or failed (judge raises AirflowFailException with the API's reasons).
+        # the details) or failed (judge raises PPIOPrewarmFailedError with the API's reasons).
         return cast("PokeReturnValue", self.judge(task, context)).xcom_value
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """
+        Resume after a deferral with the same ``soft_fail`` / ``never_fail`` rules as poke mode.
+
+        Airflow's own version skips on any error under ``soft_fail``, which would hide a refused key
+        in deferrable mode only; the error is decided again here.
+        """
+        try:
+            return super().resume_execution(next_method, next_kwargs, context)
+        except (AirflowException, AirflowTaskTimeout) as err:
+            raise self._ending(err)  # noqa: B904 - the ending keeps its cause
+
+    # -- one poke --------------------------------------------------------------------------------------
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """
-        Read the prewarm task once and say whether the gate is open.
+        Read the prewarm task and say whether the gate is open; transient errors are retried for up
+        to ``unreachable_timeout``.
 
         :param context: The task context.
         """
-        from airflow_provider_ppio.exceptions import PPIOError
-
         try:
-            task = self.hook.get_prewarm_task(self.prewarm_task_id)
+            task = self.hook.get_prewarm_task(self.prewarm_task_id, patient=True, deadline=self._deadline)
         except PPIOError as err:
-            if not err.transient:
-                raise
-            self.log.warning("Could not read prewarm task %s, will try again: %s", self.prewarm_task_id, err)
-            return False
+            if err.transient and self._deadline is not None and time.time() >= self._deadline:
+                self.log.warning("The sensor's timeout passed while the API gave no usable answer: %s", err)
+                return False  # BaseSensorOperator raises the timeout
+            raise
         return self.judge(task, context)
 
     def judge(self, task: PrewarmTask, context: Context | None = None) -> PokeReturnValue | bool:
@@ -147,8 +197,6 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param task: The task as read from the API.
         :param context: The task context (for asset events); None skips them.
         """
-        from airflow_provider_ppio.models import Outcome, log_waiting
-
         outcome = task.outcome
         if outcome is Outcome.SUCCEEDED:
             self.log.info(
@@ -160,14 +208,77 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             )
             details = task.to_xcom()
             if context is not None and self.outlets:
+                # Asset classes differ between Airflow lines; only needed when there are outlets.
                 from airflow_provider_ppio.assets import attach_prewarm_asset_events
 
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
             return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
-            raise AirflowFailException(task.failure_summary())
+            raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
         log_waiting(self.log, task, _age(task))
         return False
+
+    # -- how a wait ends -------------------------------------------------------------------------------
+
+    def _keeps_waiting_through(self, err: BaseException) -> bool:
+        """``silent_fail``: log an error that is not a failure of the prewarm (or a timeout) and keep waiting."""
+        if not getattr(self, "silent_fail", False) or isinstance(err, (AirflowFailException, AirflowSensorTimeout)):
+            return False
+        self.log.error(
+            "Error while waiting for prewarm task %s (silent_fail, still waiting): %s", self.prewarm_task_id, err
+        )
+        return True
+
+    def _ending(self, err: BaseException) -> BaseException:
+        """
+        The one rule for how an error ends the task, in every mode (see docs/reliability.md).
+
+        ``never_fail`` skips on any error; ``soft_fail`` skips on a failed prewarm and on a timeout
+        only; anything else fails with the error itself. Airflow's own skip (``... from error``) is
+        decided again from the error it wraps.
+
+        :param err: What the wait raised.
+        """
+        if isinstance(err, AirflowRescheduleException):
+            return err  # reschedule mode's "poke again later", not an error
+        cause: BaseException = err
+        if isinstance(err, AirflowSkipException) and err.__cause__ is not None:
+            cause = err.__cause__
+        elif isinstance(err, AirflowSkipException):
+            return err
+        if _is_deferral_timeout(cause):
+            cause = AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {cause}")
+        if getattr(self, "never_fail", False):
+            skip = AirflowSkipException(f"Skipping due to never_fail: {cause}")
+        elif self.soft_fail and _soft_fail_skips(cause):
+            skip = AirflowSkipException(f"Skipping due to soft_fail: {cause}")
+        else:
+            return cause
+        skip.__cause__ = cause
+        return skip
+
+
+def _soft_fail_skips(err: BaseException) -> bool:
+    """Airflow's meaning of ``soft_fail``: the awaited thing failed, or the wait timed out."""
+    if isinstance(err, (AirflowSensorTimeout, AirflowTaskTimeout, PPIOPrewarmFailedError)):
+        return True
+    # Someone else's AirflowFailException (a subclass in user code): Airflow's rule; ours say what they are.
+    return isinstance(err, AirflowFailException) and not isinstance(err, PPIOError)
+
+
+def _is_deferral_timeout(err: BaseException) -> bool:
+    """Airflow ended the deferral itself (3.x: ``TaskDeferralTimeout``; 2.11: a ``TaskDeferralError``)."""
+    name = type(err).__name__
+    return name == "TaskDeferralTimeout" or (name == "TaskDeferralError" and "timeout" in str(err).lower())
+
+
+def _poke_deadline(sensor: PrewarmTaskSensor, context: Context) -> float | None:
+    """When the sensor's timeout ends this wait: from now in poke mode, from the first try in reschedule mode."""
+    if not sensor.reschedule:
+        return time.time() + sensor.timeout
+    first = getattr(context["ti"], "get_first_reschedule_date", None)
+    started = first(context) if callable(first) else None
+    return (started.timestamp() if started else time.time()) + sensor.timeout
 
 
 def _age(task: PrewarmTask) -> str:

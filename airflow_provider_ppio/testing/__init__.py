@@ -7,7 +7,10 @@ below is first used (they come with the ``emulator`` extra, and with Airflow 3).
 * :class:`EmulatorControl` - client for the ``/_emulator/`` control endpoints.
 * :class:`EmulatorConfig` - timings, quota, API key, clock; :class:`FakeClock` for tests.
 * :func:`create_app` - the bare FastAPI application.
-* pytest fixtures ``ppio_emulator`` and ``ppio_emulator_factory`` (plugin ``ppio_emulator``).
+* :func:`create_tls_files` / :class:`EmulatorTLS` - the throwaway CA and certificate behind
+  ``EmulatorServer(tls=True)`` (needs ``cryptography``, which Airflow ships).
+* pytest fixtures ``ppio_emulator``, ``ppio_emulator_tls`` and ``ppio_emulator_factory``
+  (plugin ``ppio_emulator``).
 * the ``ppio-emulator`` console script (:mod:`airflow_provider_ppio.testing.cli`).
 """
 
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow_provider_ppio.testing.emulator import EmulatorConfig, EmulatorStore, FakeClock, create_app
     from airflow_provider_ppio.testing.server import EmulatorControl, EmulatorControlError, EmulatorServer
+    from airflow_provider_ppio.testing.tls import EmulatorTLS, create_tls_files
 
 __all__ = [
     "EmulatorConfig",
@@ -26,8 +30,10 @@ __all__ = [
     "EmulatorControlError",
     "EmulatorServer",
     "EmulatorStore",
+    "EmulatorTLS",
     "FakeClock",
     "create_app",
+    "create_tls_files",
 ]
 
 _LOCATIONS = {
@@ -38,6 +44,8 @@ _LOCATIONS = {
     "EmulatorControl": "server",
     "EmulatorControlError": "server",
     "EmulatorServer": "server",
+    "EmulatorTLS": "tls",
+    "create_tls_files": "tls",
 }
 
 

@@ -3,6 +3,7 @@
 Example::
 
     ppio-emulator --port 8080 --api-key my-test-key --running-seconds 10
+    ppio-emulator --port 8443 --tls --tls-dir ./emulator-tls   # https; trust ./emulator-tls/ca.pem
     python -m airflow_provider_ppio.testing.cli --port 0
 """
 
@@ -48,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--control-token", default=None, help="require header X-Emulator-Token on /_emulator/* endpoints"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve https with a throwaway CA made at start-up; its certificate's path is printed before the URL",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        default=None,
+        help="with --tls, write ca.pem, cert.pem and key.pem here and keep them on exit "
+        "(default: a temporary directory, removed on exit)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
     return parser
 
@@ -55,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator in the foreground.
 
-    Prints ``PPIO emulator listening on <base URL>`` once it answers, then blocks until
-    SIGINT or SIGTERM.
+    Prints ``PPIO emulator listening on <base URL>`` once it answers (with ``--tls``, preceded by
+    ``PPIO emulator CA bundle: <path>``), then blocks until SIGINT or SIGTERM.
 
     :param argv: arguments (default: ``sys.argv[1:]``).
     :return: process exit code.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tls_dir is not None and not args.tls:
+        parser.error("--tls-dir needs --tls")
     try:
         from airflow_provider_ppio.testing.emulator import EmulatorConfig
         from airflow_provider_ppio.testing.server import EmulatorServer
@@ -90,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    server = EmulatorServer(config, host=args.host, port=args.port, log_level=args.log_level)
+    server = EmulatorServer(
+        config, host=args.host, port=args.port, log_level=args.log_level, tls=args.tls, tls_dir=args.tls_dir
+    )
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
@@ -98,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"ppio-emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
             return 1
+        if server.ca_bundle is not None:
+            print(f"PPIO emulator CA bundle: {server.ca_bundle}", flush=True)
         print(f"PPIO emulator listening on {server.base_url}", flush=True)
         while not stop.wait(0.5):
             if not server.running:

@@ -7,11 +7,17 @@ Example::
     with EmulatorServer() as emu:
         emu.control.seed_task(task_id="pwt-demo", state="running")
         requests.get(f"{emu.base_url}/gpus/v2/prewarm-tasks/pwt-demo", headers=emu.auth_headers)
+
+    with EmulatorServer(tls=True) as emu:  # https, with a throwaway CA
+        requests.get(f"{emu.base_url}/_emulator/health", verify=emu.ca_bundle)
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from types import TracebackType
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from airflow_provider_ppio.testing.emulator import EmulatorConfig, EmulatorStore
+    from airflow_provider_ppio.testing.tls import EmulatorTLS
 
 __all__ = ["EmulatorControl", "EmulatorControlError", "EmulatorServer"]
 
@@ -48,17 +55,25 @@ class EmulatorControl:
     :param base_url: emulator root URL, e.g. ``http://127.0.0.1:8080``.
     :param token: control token, if the emulator was started with one.
     :param timeout: seconds per call.
+    :param verify: for an https emulator, the CA bundle to trust (``True``: the usual
+        requests defaults, including ``REQUESTS_CA_BUNDLE``).
     """
 
-    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, token: str | None = None, timeout: float = 10.0, verify: bool | str = True
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._session = requests.Session()
+        self.verify = verify
         if token is not None:
             self._session.headers["X-Emulator-Token"] = token
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self._session.request(method, f"{self.base_url}/_emulator{path}", json=body, timeout=self.timeout)
+        # verify per request: requests lets REQUESTS_CA_BUNDLE override a session's verify, not a request's.
+        response = self._session.request(
+            method, f"{self.base_url}/_emulator{path}", json=body, timeout=self.timeout, verify=self.verify
+        )
         if response.status_code >= 400:
             raise EmulatorControlError(response.status_code, response.text)
         return response.json()
@@ -256,11 +271,19 @@ class EmulatorServer:
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``port=0`` (default) picks a
     free port; the real one is in :attr:`port` / :attr:`base_url` once started.
 
+    With ``tls=True`` the same API is served over https: each :meth:`start` creates a fresh CA
+    and a server certificate for ``localhost``, ``127.0.0.1``, ``::1`` and ``host``, signed by
+    it (:func:`~airflow_provider_ppio.testing.tls.create_tls_files`). :attr:`base_url` is then
+    ``https://...`` and :attr:`ca_bundle` the CA file a client must trust.
+
     :param config: emulator settings (defaults if omitted).
     :param host: interface to listen on.
     :param port: TCP port, 0 for any free port.
     :param startup_timeout: seconds to wait for the server to answer.
     :param log_level: uvicorn log level.
+    :param tls: serve https with a throwaway self-signed CA.
+    :param tls_dir: with ``tls``, write the PEM files here (kept after :meth:`stop`); by default
+        they go to a temporary directory removed by :meth:`stop`.
     """
 
     def __init__(
@@ -271,14 +294,22 @@ class EmulatorServer:
         port: int = 0,
         startup_timeout: float = 10.0,
         log_level: str = "warning",
+        tls: bool = False,
+        tls_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from airflow_provider_ppio.testing.emulator import EmulatorConfig, EmulatorStore, create_app
 
+        if tls_dir is not None and not tls:
+            raise ValueError("tls_dir needs tls=True")
         self.config = config or EmulatorConfig()
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
         self.log_level = log_level
+        self.tls = tls
+        self.tls_dir = tls_dir
+        self._tls_files: EmulatorTLS | None = None
+        self._tls_tmp: str | None = None
         self.store: EmulatorStore = EmulatorStore(self.config)
         self.app: FastAPI = create_app(store=self.store)
         self._server: Any = None
@@ -297,19 +328,42 @@ class EmulatorServer:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
+    def scheme(self) -> str:
+        """``https`` when serving TLS, else ``http``."""
+        return "https" if self.tls else "http"
+
+    @property
     def base_url(self) -> str:
-        """Root URL of the running server, e.g. ``http://127.0.0.1:54321``."""
+        """Root URL of the running server, e.g. ``http://127.0.0.1:54321`` (``https://`` with TLS)."""
         if self._thread is None:
             raise RuntimeError("the emulator is not running; call start() first")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def ca_bundle(self) -> str | None:
+        """Path of the CA certificate (PEM) to trust for this https server; None for plain http."""
+        return None if self.tls_files is None else str(self.tls_files.ca_bundle)
+
+    @property
+    def tls_files(self) -> EmulatorTLS | None:
+        """The CA, certificate and key files of this https server; None for plain http."""
+        if not self.tls:
+            return None
+        if self._tls_files is None:
+            raise RuntimeError("the emulator is not running; call start() first")
+        return self._tls_files
 
     @property
     def control(self) -> EmulatorControl:
         """Client for the control endpoints of this server."""
         if self._control is None:
-            self._control = EmulatorControl(self.base_url, token=self.config.control_token)
+            self._control = EmulatorControl(self.base_url, token=self.config.control_token, verify=self._verify)
         return self._control
+
+    @property
+    def _verify(self) -> bool | str:
+        return self.ca_bundle or True
 
     @property
     def running(self) -> bool:
@@ -327,7 +381,7 @@ class EmulatorServer:
 
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on such sockets, and without it
-        # every keep-alive request waits ~40 ms (Nagle + delayed ACK).
+        # every keep-alive request stalls on Nagle's algorithm meeting the client's delayed ACK.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -340,6 +394,14 @@ class EmulatorServer:
         self.port = sock.getsockname()[1]
         self._socket = sock
         self.store.closing.clear()
+        certfile = keyfile = None
+        if self.tls:
+            try:
+                files = self._make_tls_files()
+            except BaseException:
+                self.stop()
+                raise
+            certfile, keyfile = str(files.certfile), str(files.keyfile)
         config = uvicorn.Config(
             self.app,
             lifespan="off",
@@ -349,6 +411,8 @@ class EmulatorServer:
             ws="none",
             loop="asyncio",
             timeout_graceful_shutdown=1,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -363,6 +427,17 @@ class EmulatorServer:
             raise
         return self
 
+    def _make_tls_files(self) -> EmulatorTLS:
+        from airflow_provider_ppio.testing.tls import create_tls_files  # cryptography: only when serving https
+
+        if self.tls_dir is not None:
+            directory = os.fspath(self.tls_dir)
+            os.makedirs(directory, exist_ok=True)
+        else:
+            directory = self._tls_tmp = tempfile.mkdtemp(prefix="ppio-emulator-tls-")
+        self._tls_files = create_tls_files(directory, [self.host])
+        return self._tls_files
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         last_error: Exception | None = None
@@ -371,7 +446,7 @@ class EmulatorServer:
                 raise RuntimeError("the emulator server thread exited during start-up")
             if getattr(self._server, "started", False):
                 try:
-                    response = requests.get(f"{self.base_url}/_emulator/health", timeout=2)
+                    response = requests.get(f"{self.base_url}/_emulator/health", timeout=2, verify=self._verify)
                     if response.status_code == 200:
                         return
                 except requests.RequestException as exc:
@@ -399,6 +474,10 @@ class EmulatorServer:
         if self._socket is not None:
             self._socket.close()
         self._server = self._thread = self._socket = None
+        if self._tls_tmp is not None:
+            shutil.rmtree(self._tls_tmp, ignore_errors=True)
+            self._tls_tmp = None
+        self._tls_files = None
 
     def __enter__(self) -> Self:
         """Start the server.

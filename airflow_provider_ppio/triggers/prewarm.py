@@ -2,9 +2,9 @@
 ``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer.
 
 Thousands of these share one event loop, so each one is cheap: one hook and one connection
-lookup per wait, polls through the process-wide shared HTTP client (one bounded connection pool
-per base URL and key), the hook's retry policy with backoff on transient errors, and nothing but
-primitives in :meth:`PrewarmTaskTrigger.serialize`.
+lookup per wait, polls through the process-wide shared HTTP session (one bounded connection pool),
+the hook's retry policy with backoff on transient errors (holding nothing while it sleeps), and
+nothing but primitives in :meth:`PrewarmTaskTrigger.serialize`.
 """
 
 from __future__ import annotations
@@ -14,24 +14,25 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from airflow.providers.common.compat.sdk import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_ppio import exceptions
+from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-
-if TYPE_CHECKING:
-    from airflow_provider_ppio.exceptions import PPIOError
-    from airflow_provider_ppio.hooks.ppio import PPIOHook
-    from airflow_provider_ppio.models import PrewarmTask
+from airflow_provider_ppio.hooks._shared import prewarm_task_path
+from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
 EVENT_SUCCESS: Final = "success"
 #: The prewarm task failed; the event carries ``error``, ``message``, ``reason`` and ``task``.
 EVENT_FAILED: Final = "failed"
-#: The sensor's timeout passed while the task was still running.
+#: The sensor's timeout passed while the task was still running (or the API was not answering).
 EVENT_TIMEOUT: Final = "timeout"
-#: A permanent error (bad key, unknown task, unusable answer, broken connection settings).
+#: An error that ends the wait (bad key, unknown task, unusable answer, broken connection settings, or
+#: an API that gave no usable answer for ``unreachable_timeout``).
 EVENT_ERROR: Final = "error"
 #: Every event this trigger can fire; anything else is refused by the sensor.
 EVENT_STATUSES: Final = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
@@ -46,15 +47,16 @@ class PrewarmTaskTrigger(BaseTrigger):
     Poll a prewarm task until it succeeds, fails, or the deadline passes; fire one event.
 
     Events (``event["status"]``): ``success`` (with ``task``), ``failed`` (with ``error``,
-    ``message``, ``reason`` and ``task``), ``timeout`` and ``error`` (with ``message`` and
-    ``error_type``). Transient API errors (network, 429, 5xx) are retried with backoff by the hook;
-    if they outlast its attempts the trigger waits one ``poke_interval`` and asks again. Unknown
-    statuses keep it waiting.
+    ``message``, ``reason`` and ``task``), ``timeout`` and ``error`` (with ``message``,
+    ``error_type`` and ``http_status``). Transient API errors (network, 429, 5xx) are retried with
+    backoff for up to ``unreachable_timeout``, never past the deadline. Unknown statuses keep it
+    waiting.
 
     :param prewarm_task_id: Id of the prewarm task to wait for.
     :param ppio_conn_id: The PPIO connection id.
     :param poke_interval: Seconds between two polls.
     :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
+    :param unreachable_timeout: Overrides the connection's bound on outages, in seconds.
     """
 
     def __init__(
@@ -64,22 +66,24 @@ class PrewarmTaskTrigger(BaseTrigger):
         ppio_conn_id: str = DEFAULT_CONN_ID,
         poke_interval: float = 60.0,
         deadline: float | None = None,
+        unreachable_timeout: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        from airflow_provider_ppio.exceptions import PPIOInvalidInputError
-        from airflow_provider_ppio.hooks._protocol import prewarm_task_path
-
         prewarm_task_path(prewarm_task_id)  # refuse a bad id here, not in the triggerer
         if isinstance(poke_interval, bool) or not isinstance(poke_interval, int | float) or not poke_interval > 0:
             raise PPIOInvalidInputError(f"poke_interval must be a positive number of seconds, got {poke_interval!r}")
-        if deadline is not None and (
-            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not math.isfinite(deadline)
-        ):
-            raise PPIOInvalidInputError(f"deadline must be a Unix time in seconds or None, got {deadline!r}")
+        for name, value in (("deadline", deadline), ("unreachable_timeout", unreachable_timeout)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise PPIOInvalidInputError(f"{name} must be a number of seconds or None, got {value!r}")
+        if unreachable_timeout is not None and unreachable_timeout <= 0:
+            raise PPIOInvalidInputError(f"unreachable_timeout must be positive, got {unreachable_timeout!r}")
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
         self.poke_interval = float(poke_interval)
         self.deadline = None if deadline is None else float(deadline)
+        self.unreachable_timeout = None if unreachable_timeout is None else float(unreachable_timeout)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
@@ -90,6 +94,7 @@ class PrewarmTaskTrigger(BaseTrigger):
                 "ppio_conn_id": self.ppio_conn_id,
                 "poke_interval": self.poke_interval,
                 "deadline": self.deadline,
+                "unreachable_timeout": self.unreachable_timeout,
             },
         )
 
@@ -102,36 +107,42 @@ class PrewarmTaskTrigger(BaseTrigger):
         """
         Poll until the wait ends and return the event payload.
 
-        The shared HTTP client is leased for the whole wait (so polls reuse its connections) and
+        The shared HTTP session is leased for the whole wait (so polls reuse its connections) and
         released before the event is fired, or when the trigger is cancelled: nothing is left for
         ``cleanup`` to close.
         """
-        from airflow.providers.common.compat.sdk import AirflowException
-
-        from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS
+        # The hook stack (aiohttp, tenacity) is only needed in the triggerer, not when a DAG is parsed.
+        from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
         from airflow_provider_ppio.hooks.ppio import PPIOHook
 
-        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id)
+        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
         try:
             settings = await hook.aget_settings()
         except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
             return self._error_event(err)
-        async with SHARED_ASYNC_CLIENTS.lease(settings):
+        async with SHARED_SESSIONS.lease(settings):
             last_status: str | None = None
             while True:
                 await asyncio.sleep(self._next_wait())
-                # When many waits poll at once, they queue here, cheaply, not inside the client.
-                async with SHARED_ASYNC_CLIENTS.turn(settings):
-                    payload, last_status = await self._poll(hook, last_status)
-                if payload is not None:
-                    return payload
-                if self.deadline is not None and time.time() >= self.deadline:
-                    return self._event(
-                        EVENT_TIMEOUT,
-                        f"PPIO prewarm task {self.prewarm_task_id!r} did not finish before the sensor's "
-                        f"timeout (last status: {last_status or 'unknown'})",
-                        last_status=last_status,
-                    )
+                try:
+                    task = await hook.aget_prewarm_task(self.prewarm_task_id, patient=True, deadline=self.deadline)
+                except PPIOError as err:
+                    if not (err.transient and self._past_deadline()):
+                        return self._error_event(err)
+                    return self._timeout_event(last_status, err)
+                outcome = task.outcome
+                if outcome is Outcome.SUCCEEDED:
+                    return self._event(EVENT_SUCCESS, f"PPIO prewarm task {task.task_id!r} succeeded", task=task)
+                if outcome is Outcome.FAILED:
+                    return self._failed_event(task)
+                if task.status.status != last_status:  # one line per change, not per poll: waits share a log
+                    log_waiting(self.log, task, f"; polling every {self.poke_interval:g}s")
+                    last_status = task.status.status
+                if self._past_deadline():
+                    return self._timeout_event(last_status)
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
 
     def _next_wait(self) -> float:
         wait = self.poke_interval * random.uniform(*_JITTER)
@@ -140,32 +151,14 @@ class PrewarmTaskTrigger(BaseTrigger):
             wait = min(wait, max(0.0, self.deadline - time.time()))
         return wait
 
-    async def _poll(self, hook: PPIOHook, last_status: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        """One read of the task: the event payload if the wait is over, and the status seen."""
-        from airflow_provider_ppio.exceptions import PPIOError
-        from airflow_provider_ppio.models import Outcome, log_waiting
-
-        try:
-            task = await hook.aget_prewarm_task(self.prewarm_task_id)
-        except PPIOError as err:
-            if not err.transient:
-                return self._error_event(err), last_status
-            self.log.warning(
-                "Could not read prewarm task %s, will try again in about %gs: %s",
-                self.prewarm_task_id,
-                self.poke_interval,
-                err,
-            )
-            return None, last_status
-        outcome = task.outcome
-        if outcome is Outcome.SUCCEEDED:
-            return self._event(EVENT_SUCCESS, f"PPIO prewarm task {task.task_id!r} succeeded", task=task), None
-        if outcome is Outcome.FAILED:
-            return self._failed_event(task), None
-        status = task.status.status
-        if status != last_status:  # one line per change, not per poll: thousands of waits share a log
-            log_waiting(self.log, task, f"; polling every {self.poke_interval:g}s")
-        return None, status
+    def _timeout_event(self, last_status: str | None, error: PPIOError | None = None) -> dict[str, Any]:
+        message = (
+            f"PPIO prewarm task {self.prewarm_task_id!r} did not finish before the sensor's timeout "
+            f"(last status: {last_status or 'unknown'})"
+        )
+        if error is not None:
+            message += f"; the API was not answering at the deadline: {error}"
+        return self._event(EVENT_TIMEOUT, message, last_status=last_status)
 
     def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
         payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
@@ -180,8 +173,6 @@ class PrewarmTaskTrigger(BaseTrigger):
         return payload
 
     def _error_event(self, err: Exception) -> dict[str, Any]:
-        from airflow_provider_ppio.exceptions import PPIOError
-
         return self._event(
             EVENT_ERROR,
             str(err),
@@ -197,8 +188,6 @@ def error_from_event(event: dict[str, Any], message: str) -> PPIOError:
     :param event: The trigger's ``error`` event.
     :param message: The event's message.
     """
-    from airflow_provider_ppio import exceptions
-
     cls = getattr(exceptions, str(event.get("error_type")), None)
     if not (isinstance(cls, type) and issubclass(cls, exceptions.PPIOError)):
         cls = exceptions.PPIOError
@@ -224,10 +213,6 @@ def task_from_event(
     :param reader: Who reads the event (``"sensor"``, ``"operator"``), for the message.
     :param timeout_error: Builds the exception a ``timeout`` event raises, from the event's message.
     """
-    from airflow.providers.common.compat.sdk import AirflowException
-
-    from airflow_provider_ppio.models import Outcome, PrewarmTask
-
     status = event.get("status") if isinstance(event, dict) else None
     if not isinstance(event, dict) or status not in EVENT_STATUSES or event.get("prewarm_task_id") != expected_task_id:
         raise AirflowException(

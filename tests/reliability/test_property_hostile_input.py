@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from matrix import API_KEY, TASK_ID, task_body
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
-from airflow_provider_ppio.hooks._protocol import interpret_response
+from airflow_provider_ppio.hooks._shared import interpret_response
 from airflow_provider_ppio.models import Outcome, PrewarmTask
 
 PREFIX = "/gpus/v2/prewarm-tasks/"

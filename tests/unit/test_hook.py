@@ -30,7 +30,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTimeoutError,
     PPIOTransportError,
 )
-from airflow_provider_ppio.hooks._protocol import MAX_BODY_BYTES
+from airflow_provider_ppio.hooks._shared import MAX_BODY_BYTES
 from airflow_provider_ppio.hooks.ppio import PPIOHook
 from airflow_provider_ppio.models import Outcome
 

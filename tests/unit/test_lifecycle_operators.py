@@ -638,17 +638,17 @@ def test_delete_takes_ids_and_details_in_any_mix(api: FakeAPI, requests_mock: rm
     for task_id in ("pw-a", "pw-b", "pw-c"):
         api.add(task_id, "succeeded")
 
-    deleted = delete_op(["pw-a", {"task_id": "pw-b"}, None, "", ["pw-c", "pw-a"]]).execute(make_context())
+    result = delete_op(["pw-a", {"task_id": "pw-b"}, None, "", ["pw-c", "pw-a"]]).execute(make_context())
 
-    assert deleted == ["pw-a", "pw-b", "pw-c"]
+    assert result == {"deleted": ["pw-a", "pw-b", "pw-c"], "not_found": []}
     assert api.deleted == ["pw-a", "pw-b", "pw-c"]
     deletes = [r for r in requests_mock.request_history if r.method == "DELETE"]
     assert [r.json() for r in deletes] == [{"task_ids": ["pw-a", "pw-b", "pw-c"]}]
 
 
 def test_delete_of_nothing_calls_nothing(api: FakeAPI, requests_mock: rm.Mocker) -> None:
-    assert delete_op([]).execute(make_context()) == []
-    assert delete_op(None).execute(make_context()) == []
+    assert delete_op([]).execute(make_context()) == {"deleted": [], "not_found": []}
+    assert delete_op(None).execute(make_context()) == {"deleted": [], "not_found": []}
     assert requests_mock.call_count == 0
 
 
@@ -663,7 +663,10 @@ def test_unknown_ids_the_api_refuses_are_skipped(ppio_conn: str, requests_mock: 
 
     requests_mock.delete(TASKS, json=answer)
 
-    assert delete_op(["pw-a", "pw-gone", "pw-c"]).execute(make_context()) == ["pw-a", "pw-c"]
+    assert delete_op(["pw-a", "pw-gone", "pw-c"]).execute(make_context()) == {
+        "deleted": ["pw-a", "pw-c"],
+        "not_found": ["pw-gone"],
+    }
 
 
 def test_fail_on_missing_deletes_nothing_when_an_id_is_unknown(api: FakeAPI) -> None:
@@ -677,7 +680,7 @@ def test_fail_on_missing_deletes_nothing_when_an_id_is_unknown(api: FakeAPI) -> 
 def test_fail_on_missing_deletes_when_all_exist(api: FakeAPI) -> None:
     api.add("pw-a", "running")
 
-    assert delete_op("pw-a", fail_on_missing=True).execute(make_context()) == ["pw-a"]
+    assert delete_op("pw-a", fail_on_missing=True).execute(make_context()) == {"deleted": ["pw-a"], "not_found": []}
     assert api.deleted == ["pw-a"]
 
 

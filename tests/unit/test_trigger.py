@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS, AsyncClientPool
-from airflow_provider_ppio.hooks._protocol import ClientSettings
+from airflow_provider_ppio.hooks._shared import ClientSettings
 from airflow_provider_ppio.models import PrewarmTask
 from airflow_provider_ppio.testing.server import EmulatorServer
 from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger

@@ -1,21 +1,27 @@
 """
-What the sync and async transports share: settings, URLs, headers, and reading responses.
+What the sync and async transports share: settings (timeouts, TLS, proxy), URLs, headers, reading
+responses, the typed errors, and the one retry policy.
 
-Nothing here does I/O, so both transports (and the tests) use exactly the same rules.
+Nothing here does network I/O, so both transports (and the tests) use exactly the same rules.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import math
+import os
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
+
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from airflow_provider_ppio import __version__
 from airflow_provider_ppio.exceptions import (
@@ -24,11 +30,17 @@ from airflow_provider_ppio.exceptions import (
     PPIOBadRequestError,
     PPIOBadResponseError,
     PPIOConnectionConfigError,
+    PPIOError,
     PPIOInvalidInputError,
     PPIONotFoundError,
     PPIOQuotaExceededError,
     PPIORateLimitError,
     PPIOServerError,
+    PPIOTimeoutError,
+    PPIOTLSError,
+    PPIOTransportError,
+    PPIOUnknownHostError,
+    PPIOUnreachableError,
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_BASE_URL
 
@@ -38,6 +50,8 @@ DEFAULT_MAX_ATTEMPTS = 5
 #: Longest wait between two attempts, whatever ``Retry-After`` asks for.
 DEFAULT_RETRY_WAIT_MAX = 60.0
 DEFAULT_BACKOFF_INITIAL = 1.0
+#: How long a wait (sensor, trigger, create operator) keeps asking an API that gives no usable answer.
+DEFAULT_UNREACHABLE_TIMEOUT = 600.0
 #: No prewarm answer comes near this; a larger body is refused rather than read into memory.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 TASK_ID_MAX_LENGTH = 255
@@ -55,6 +69,9 @@ class ClientSettings:
     :param max_attempts: Tries per call on transient errors; 1 disables retries.
     :param backoff_initial: First backoff wait in seconds (doubles each attempt, with jitter).
     :param retry_wait_max: Cap in seconds on any wait, ``Retry-After`` included.
+    :param unreachable_timeout: How long a wait may go without a usable answer before it fails.
+    :param tls: Which certificates the server's must verify against (both transports use it).
+    :param proxy: The HTTP(S) proxy for the base URL, or None.
     """
 
     base_url: str
@@ -63,6 +80,9 @@ class ClientSettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     backoff_initial: float = DEFAULT_BACKOFF_INITIAL
     retry_wait_max: float = DEFAULT_RETRY_WAIT_MAX
+    unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT
+    tls: TLSSettings = field(default_factory=lambda: tls_settings("", {}))
+    proxy: str | None = None
 
     @classmethod
     def from_connection(
@@ -81,7 +101,7 @@ class ClientSettings:
         :param host: The connection's host: the base URL (scheme optional, https assumed).
         :param password: The API key.
         :param extra: The connection's extras (``timeout``, ``max_attempts``, ``backoff_initial``,
-            ``retry_wait_max``).
+            ``retry_wait_max``, ``unreachable_timeout``, ``ca_bundle``, ``verify``).
         :param overrides: Values given to the hook directly; they win over the extras.
         """
         api_key = (password or "").strip()
@@ -91,13 +111,17 @@ class ClientSettings:
                 '("API Key") field, e.g. AIRFLOW_CONN_PPIO_DEFAULT=\'{"conn_type": "ppio", "password": "sk_..."}\''
             )
         options = {**extra, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        base_url = normalize_base_url(conn_id, host)
         return cls(
-            base_url=normalize_base_url(conn_id, host),
+            base_url=base_url,
             api_key=api_key,
             timeout=_positive(conn_id, options, "timeout", DEFAULT_TIMEOUT, float),
             max_attempts=int(_positive(conn_id, options, "max_attempts", DEFAULT_MAX_ATTEMPTS, int)),
             backoff_initial=_positive(conn_id, options, "backoff_initial", DEFAULT_BACKOFF_INITIAL, float),
             retry_wait_max=_positive(conn_id, options, "retry_wait_max", DEFAULT_RETRY_WAIT_MAX, float),
+            unreachable_timeout=_positive(conn_id, options, "unreachable_timeout", DEFAULT_UNREACHABLE_TIMEOUT, float),
+            tls=tls_settings(conn_id, options),
+            proxy=environment_proxy(base_url),
         )
 
     @property
@@ -141,6 +165,90 @@ def normalize_base_url(conn_id: str, host: str | None) -> str:
             f"Connection {conn_id!r}: Base URL must not carry credentials, a query or a fragment"
         )
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """
+    How both transports verify the server's certificate.
+
+    :param verify: False turns verification off (the connection extra ``verify: false``).
+    :param ca_file: A CA bundle file, or None for certifi's bundle (what requests uses by default).
+    :param ca_dir: A directory of hashed CA certificates (``SSL_CERT_DIR``), used when no file is given.
+    :param source: Where the setting came from, for error messages.
+    """
+
+    verify: bool = True
+    ca_file: str | None = None
+    ca_dir: str | None = None
+    source: str = "certifi's CA bundle (the default)"
+
+    def describe(self) -> str:
+        """The CA setting in words, for an error message that says what to change."""
+        if not self.verify:
+            return "verification is off (connection extra verify=false)"
+        where = self.ca_file or self.ca_dir
+        return f"{self.source}: {where}" if where else self.source
+
+
+#: Environment variables that name a CA bundle, in the order they win (requests' order, then OpenSSL's).
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def tls_settings(conn_id: str, options: Mapping[str, Any]) -> TLSSettings:
+    """
+    One TLS configuration for both transports: the connection extras ``verify`` and ``ca_bundle``
+    first, then ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``.
+
+    :param conn_id: The connection id, for error messages.
+    :param options: The connection's extras (and hook overrides).
+    """
+    verify = options.get("verify", True)
+    if isinstance(verify, str) and verify.strip().lower() in ("false", "0", "no", "off"):
+        verify = False
+    elif isinstance(verify, str) and verify.strip().lower() in ("true", "1", "yes", "on", ""):
+        verify = True
+    if not isinstance(verify, bool):
+        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: extra 'verify' must be true or false, got {verify!r}")
+    if not verify:
+        return TLSSettings(verify=False, source="verification off")
+    sources = [("connection extra 'ca_bundle'", options.get("ca_bundle"))]
+    sources += [(name, os.environ.get(name)) for name in CA_BUNDLE_VARIABLES]
+    for source, path in sources:
+        if isinstance(path, str) and path.strip():
+            path = os.path.expanduser(path.strip())
+            if not os.path.exists(path):
+                raise PPIOConnectionConfigError(
+                    f"Connection {conn_id!r}: the CA bundle {path!r} from {source} does not exist"
+                )
+            if os.path.isdir(path):
+                return TLSSettings(ca_dir=path, source=source)
+            return TLSSettings(ca_file=path, source=source)
+    ca_dir = os.environ.get("SSL_CERT_DIR", "").strip()
+    if ca_dir and os.path.isdir(ca_dir):
+        return TLSSettings(ca_dir=ca_dir, source="SSL_CERT_DIR")
+    return TLSSettings(ca_file=_certifi_bundle())
+
+
+def _certifi_bundle() -> str | None:
+    try:
+        import certifi
+    except ImportError:  # pragma: no cover - requests depends on certifi
+        return None
+    return str(certifi.where())
+
+
+def environment_proxy(base_url: str) -> str | None:
+    """
+    The proxy the environment (``HTTPS_PROXY``, ``NO_PROXY``...) asks for ``base_url``, read as requests reads it.
+
+    :param base_url: The API's base URL.
+    """
+    proxies = urllib.request.getproxies()
+    parts = urlsplit(base_url)
+    if not proxies or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def is_loopback(base_url: str) -> bool:
@@ -405,3 +513,228 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if math.isnan(seconds):
         return None
     return max(0.0, seconds)
+
+
+# -- transport failures -----------------------------------------------------------------------------
+
+
+class Failure(enum.Enum):
+    """What went wrong below HTTP, as each transport classifies its library's exceptions."""
+
+    #: The certificate did not verify, or the server does not speak TLS: permanent.
+    TLS = "tls"
+    #: DNS says the host name does not exist: permanent.
+    UNKNOWN_HOST = "unknown host"
+    #: No connection was made (refused, unreachable, DNS not answering): the request never left.
+    NOT_CONNECTED = "not connected"
+    #: Connecting took longer than the connect timeout: the request never left.
+    CONNECT_TIMEOUT = "connect timeout"
+    #: The answer did not come within the timeout: the request may have been acted on.
+    TIMEOUT = "timeout"
+    #: The connection broke after the request was sent (reset, cut-off body).
+    BROKEN = "broken"
+
+
+def transport_error(failure: Failure, *, where: str, settings: ClientSettings, detail: str) -> PPIOTransportError:
+    """
+    The typed error for a failure below HTTP, with a message that says what to fix when it is permanent.
+
+    :param failure: What the transport saw.
+    :param where: ``METHOD path``, for the message.
+    :param settings: The client settings (base URL, timeout, TLS).
+    :param detail: The library's own short description of the root cause.
+    """
+    host = settings.base_url
+    if failure is Failure.TLS:
+        return PPIOTLSError(
+            f"{where}: the TLS handshake with {host} failed ({detail}). The CA setting used: "
+            f"{settings.tls.describe()}. If the API is reached through a proxy or gateway with its own CA, give "
+            "that CA's PEM file as the connection extra 'ca_bundle' (or REQUESTS_CA_BUNDLE / SSL_CERT_FILE, which "
+            "both the sync and the deferrable path read)",
+            request_sent=False,
+        )
+    if failure is Failure.UNKNOWN_HOST:
+        return PPIOUnknownHostError(
+            f"{where}: the host of {host} does not exist ({detail}); check the connection's Base URL",
+            request_sent=False,
+        )
+    if failure in (Failure.TIMEOUT, Failure.CONNECT_TIMEOUT):
+        return PPIOTimeoutError(
+            f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})",
+            request_sent=failure is Failure.TIMEOUT,
+        )
+    return PPIOTransportError(
+        f"{where}: could not get an answer from {host}: {detail}", request_sent=failure is Failure.BROKEN
+    )
+
+
+def root_cause(err: BaseException) -> str:
+    """The innermost error's class and text, short (no headers, no key)."""
+    seen = err
+    for _ in range(20):
+        inner = getattr(seen, "reason", None)
+        if not isinstance(inner, BaseException):
+            args = getattr(seen, "args", ())
+            inner = args[0] if args and isinstance(args[0], BaseException) else seen.__cause__ or seen.__context__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    text = " ".join(str(seen).split())
+    return f"{type(seen).__name__}: {text[:200]}" if text else type(seen).__name__
+
+
+def timeout_error(where: str, settings: ClientSettings) -> PPIOTimeoutError:
+    """The request (headers and body) did not complete within the timeout."""
+    return PPIOTimeoutError(f"{where}: no complete answer from {settings.base_url} within {settings.timeout:g}s")
+
+
+def too_large(where: str) -> PPIOBadResponseError:
+    """The body is over :data:`MAX_BODY_BYTES`."""
+    return PPIOBadResponseError(f"{where}: the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
+
+
+def undecodable(where: str, headers: Mapping[str, str], err: BaseException) -> PPIOBadResponseError:
+    """The body does not decode as its ``Content-Encoding`` says (a broken proxy or server, not a network fault)."""
+    encoding = snippet(headers.get("Content-Encoding", "") or "none")
+    return PPIOBadResponseError(
+        f"{where}: the answer's body could not be decoded (Content-Encoding: {encoding}): {root_cause(err)}"
+    )
+
+
+# -- the retry policy -------------------------------------------------------------------------------
+
+
+class WarningLogger(Protocol):
+    """Anything with a stdlib-style ``warning`` (stdlib and Airflow 3 task loggers)."""
+
+    def warning(self, msg: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
+    """
+    Whether a failed attempt should be tried again.
+
+    :param error: What the attempt raised.
+    :param idempotent: False for requests that must not run twice (create): then only errors that
+        prove the server did not act are retried: a connection never made and a 429.
+    """
+    if not isinstance(error, PPIOError) or not error.transient:
+        return False
+    if idempotent or isinstance(error, PPIORateLimitError):
+        return True
+    return isinstance(error, PPIOTransportError) and not error.request_sent
+
+
+@dataclass(frozen=True)
+class Patience:
+    """
+    How long a *wait* keeps asking, as opposed to a one-off call's ``max_attempts``.
+
+    :param unreachable_timeout: Seconds without a usable answer after which the wait fails.
+    :param deadline: Unix time at which the wait ends anyway (the caller then reports a timeout); None for none.
+    """
+
+    unreachable_timeout: float
+    deadline: float | None = None
+
+    def remaining(self, started: float) -> float:
+        """Seconds left before either limit, from a ``time.monotonic()`` start."""
+        left = self.unreachable_timeout - (time.monotonic() - started)
+        if self.deadline is not None:
+            left = min(left, self.deadline - time.time())
+        return left
+
+
+def retry_arguments(
+    settings: ClientSettings,
+    *,
+    what: str,
+    log: WarningLogger,
+    idempotent: bool = True,
+    patience: Patience | None = None,
+) -> dict[str, Any]:
+    """
+    Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: the one policy of both transports.
+
+    Transient errors (network, timeouts, 429, 5xx) are retried with exponential backoff and jitter, or
+    after what a 429's ``Retry-After`` asks (capped at ``retry_wait_max``). A one-off call stops after
+    ``max_attempts``; a wait (``patience``) goes on until ``unreachable_timeout`` or its deadline, with
+    a last attempt right at the limit. Nothing is held while sleeping.
+
+    :param settings: Attempts and waits come from here.
+    :param what: ``METHOD path``, for the log line before each wait.
+    :param log: Where to say that a retry is coming.
+    :param idempotent: See :func:`is_retryable`.
+    :param patience: Retry by time instead of by attempts.
+    """
+    started = time.monotonic()
+    backoff = wait_exponential_jitter(
+        initial=settings.backoff_initial,
+        max=settings.retry_wait_max,
+        jitter=settings.backoff_initial,
+    )
+
+    def wait(retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
+            seconds = min(error.retry_after, settings.retry_wait_max)
+        else:
+            seconds = float(backoff(retry_state))
+        if patience is not None:
+            seconds = min(seconds, max(0.0, patience.remaining(started)))
+        return seconds
+
+    def stop(retry_state: RetryCallState) -> bool:
+        if patience is None:
+            return bool(stop_after_attempt(settings.max_attempts)(retry_state))
+        return patience.remaining(started) <= 0
+
+    def before_sleep(retry_state: RetryCallState) -> None:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        seconds = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        if patience is None:
+            log.warning(
+                "PPIO API %s failed (%s); retrying in %.1fs (attempt %d of %d)",
+                what,
+                error,
+                seconds,
+                retry_state.attempt_number + 1,
+                settings.max_attempts,
+            )
+        else:
+            log.warning(
+                "PPIO API %s failed (%s); no usable answer for %.0fs, retrying in %.1fs (giving up after %gs)",
+                what,
+                error,
+                time.monotonic() - started,
+                seconds,
+                patience.unreachable_timeout,
+            )
+
+    return {
+        "stop": stop,
+        "wait": wait,
+        "retry": retry_if_exception(lambda error: is_retryable(error, idempotent=idempotent)),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }
+
+
+def gave_up(error: PPIOError, patience: Patience, where: str) -> PPIOError:
+    """
+    What a wait raises when its retries stop: the last error, or :class:`PPIOUnreachableError` naming it
+    when ``unreachable_timeout`` ran out (the deadline's own timeout is the caller's to report).
+
+    :param error: The last attempt's error.
+    :param patience: The wait's limits.
+    :param where: ``METHOD path``, for the message.
+    """
+    if not error.transient or (patience.deadline is not None and time.time() >= patience.deadline):
+        return error
+    return PPIOUnreachableError(
+        f"{where}: the PPIO API gave no usable answer for {patience.unreachable_timeout:g}s "
+        f"(unreachable_timeout); last error: {error}",
+        request_sent=True,
+    )

@@ -1,0 +1,190 @@
+"""
+The async transport: ``aiohttp``, one shared session per event loop and TLS/proxy setting.
+
+Thousands of triggers share one triggerer loop. They share one ``aiohttp.ClientSession`` whose
+connector bounds the open connections (requests beyond the bound wait in its queue, inside each
+request's timeout) and keeps them alive between polls. A request holds a connection only while it
+is in flight: nothing is held while a wait sleeps, so one slow or failing API call never delays
+another wait's poll. A trigger leases the session for its whole wait, so it stays open between
+polls, and the last lease to end closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import ssl
+import threading
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from airflow_provider_ppio.exceptions import PPIOTransportError
+from airflow_provider_ppio.hooks._shared import (
+    MAX_BODY_BYTES,
+    ClientSettings,
+    Failure,
+    TLSSettings,
+    interpret_response,
+    request_headers,
+    root_cause,
+    timeout_error,
+    too_large,
+    transport_error,
+    undecodable,
+)
+
+#: Most connections one shared session opens; more requests in flight wait in its queue.
+MAX_CONNECTIONS = 50
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    settings: ClientSettings,
+    method: str,
+    path: str,
+    *,
+    params: Mapping[str, Any] | None,
+    json: Any,
+    allow_empty: bool,
+) -> Any:
+    """
+    One attempt, bounded as a whole by the timeout (queueing for a connection, headers and body).
+
+    :param session: A session leased from :data:`SHARED_SESSIONS`.
+    :param settings: Base URL, key and timeouts.
+    :param method: HTTP method.
+    :param path: API path (already checked).
+    :param params: Query parameters.
+    :param json: JSON body, if any.
+    :param allow_empty: Accept an empty 2xx body.
+    """
+    where = f"{method} {path}"
+    headers: Any = request_headers(settings, json_body=json is not None)
+    try:
+        async with asyncio.timeout(settings.timeout):
+            async with session.request(
+                method,
+                settings.base_url + path,
+                params=params,
+                json=json,
+                headers=headers,
+                allow_redirects=False,
+                proxy=settings.proxy,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout),
+            ) as response:
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        raise too_large(where)
+    except TimeoutError:
+        raise timeout_error(where, settings) from None
+    except aiohttp.ClientPayloadError as err:
+        if "encoding" in str(err).lower():
+            raise undecodable(where, response.headers, err) from None
+        raise _transport_error(where, settings, err) from None
+    except (aiohttp.ClientError, OSError) as err:
+        raise _transport_error(where, settings, err) from None
+    return interpret_response(
+        method=method,
+        path=path,
+        status=response.status,
+        headers=response.headers,
+        body=bytes(body),
+        secret=settings.api_key,
+        allow_empty=allow_empty,
+    )
+
+
+def _transport_error(where: str, settings: ClientSettings, err: BaseException) -> PPIOTransportError:
+    return transport_error(_classify(err), where=where, settings=settings, detail=root_cause(err))
+
+
+def _classify(err: BaseException) -> Failure:
+    if isinstance(err, (aiohttp.ClientSSLError, ssl.SSLError)):
+        return Failure.TLS
+    if isinstance(err, aiohttp.ClientConnectorDNSError):
+        cause = err.os_error
+        return Failure.UNKNOWN_HOST if getattr(cause, "errno", None) == socket.EAI_NONAME else Failure.NOT_CONNECTED
+    if isinstance(err, aiohttp.ConnectionTimeoutError):
+        return Failure.CONNECT_TIMEOUT
+    if isinstance(err, aiohttp.ServerTimeoutError):
+        return Failure.TIMEOUT
+    if isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError)):
+        return Failure.NOT_CONNECTED
+    return Failure.BROKEN
+
+
+@functools.lru_cache(maxsize=16)
+def _ssl_context(tls: TLSSettings) -> ssl.SSLContext | bool:
+    """The TLS context for a CA setting, built once (loading a CA bundle is costly)."""
+    if not tls.verify:
+        return False
+    return ssl.create_default_context(cafile=tls.ca_file, capath=tls.ca_dir)
+
+
+@dataclass
+class _Entry:
+    session: aiohttp.ClientSession
+    users: int = 0
+
+
+class SharedSessions:
+    """Reference-counted ``aiohttp.ClientSession`` objects, one per (event loop, TLS setting, proxy)."""
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Entry]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @contextlib.asynccontextmanager
+    async def lease(self, settings: ClientSettings) -> AsyncIterator[aiohttp.ClientSession]:
+        """
+        Use the shared session for ``settings`` on the running loop, creating it if needed.
+
+        :param settings: Its TLS setting and proxy choose the session (the key travels per request).
+        """
+        loop = asyncio.get_running_loop()
+        key = (settings.tls, settings.proxy)
+        with self._lock:
+            sessions = self._by_loop.setdefault(loop, {})
+            entry = sessions.get(key)
+            if entry is None or entry.session.closed:
+                entry = sessions[key] = _Entry(self._new_session(settings))
+            entry.users += 1
+        try:
+            yield entry.session
+        finally:
+            with self._lock:
+                entry.users -= 1
+                last = entry.users == 0 and sessions.get(key) is entry
+                if last:
+                    del sessions[key]
+            if last:
+                await entry.session.close()
+
+    def _new_session(self, settings: ClientSettings) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=_ssl_context(settings.tls))
+        return aiohttp.ClientSession(
+            connector=connector,
+            # Cookies and the environment (proxy variables, ~/.netrc) are not used: settings decide.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    def open_sessions(self) -> int:
+        """How many shared sessions are open, across loops (for tests and benchmarks)."""
+        with self._lock:
+            return sum(len(sessions) for sessions in self._by_loop.values())
+
+
+#: The process-wide sessions every :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook` uses.
+SHARED_SESSIONS = SharedSessions()
