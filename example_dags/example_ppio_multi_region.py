@@ -42,7 +42,7 @@ with DAG(
         task_id="prewarm",
         image="{{ params.image }}",
         note="example_ppio_multi_region",
-        poll_interval=5,
+        poke_interval=5,
         timeout=datetime.timedelta(hours=2),
         retries=2,
         outlets=[PREWARMED],

@@ -132,7 +132,7 @@ def test_multi_region_example_prewarms_deploys_emits_assets_and_cleans_up(
     assert len(deleted) == 1
     assert len(deleted[0]["json"]["task_ids"]) == len(REGIONS)
     assert emulator.control.tasks() == []  # the teardown removed every prewarm task
-    assert sorted(result.xcom("cleanup")) == sorted(deleted[0]["json"]["task_ids"])
+    assert sorted(result.xcom("cleanup")["deleted"]) == sorted(deleted[0]["json"]["task_ids"])
 
     events = asset_events(result)
     for region in REGIONS:
@@ -166,7 +166,7 @@ with DAG(dag_id="lifecycle_retry", schedule=None, start_date=datetime.datetime(2
     PPIOCreatePrewarmTaskOperator.partial(
         task_id="prewarm",
         image="{image}",
-        poll_interval=1,
+        poke_interval=1,
         retries=3,
         retry_delay=datetime.timedelta(seconds=1),
     ).expand(region_id={regions!r})

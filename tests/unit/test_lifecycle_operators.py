@@ -233,7 +233,7 @@ def create_op(**kwargs: Any) -> PPIOCreatePrewarmTaskOperator:
         "task_id": "prewarm",
         "image": IMAGE,
         "region_id": REGION,
-        "poll_interval": 10,
+        "poke_interval": 10,
         "deferrable": False,
     }
     return PPIOCreatePrewarmTaskOperator(**{**defaults, **kwargs})
@@ -348,7 +348,7 @@ def test_quota_error_reaches_the_user(requests_mock: rm.Mocker, ppio_conn: str, 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"poll_interval": 0}, {"poll_interval": -1}, {"timeout": 0}, {"timeout": datetime.timedelta(0)}],
+    [{"poke_interval": 0}, {"poke_interval": -1}, {"timeout": 0}, {"timeout": datetime.timedelta(0)}],
 )
 def test_create_rejects_non_positive_intervals(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="positive"):
@@ -522,7 +522,7 @@ def test_deferrable_create_defers_to_the_trigger_after_pushing_the_id(api: FakeA
 
     ti = FakeTI()
     with pytest.raises(TaskDeferred) as deferred:
-        create_op(deferrable=True, poll_interval=15, timeout=600).execute(make_context(ti))
+        create_op(deferrable=True, poke_interval=15, timeout=600).execute(make_context(ti))
 
     trigger = deferred.value.trigger
     assert isinstance(trigger, PrewarmTaskTrigger)
@@ -810,3 +810,9 @@ def _alias_target_uri(event: Any) -> str:
 
 def _alias_extra(event: Any) -> dict[str, Any]:
     return dict(event["extra"] if isinstance(event, dict) else event.extra)
+
+
+def test_poll_interval_is_the_deprecated_name_of_poke_interval() -> None:
+    with pytest.warns(DeprecationWarning, match="use poke_interval"):
+        op = PPIOCreatePrewarmTaskOperator(task_id="create", image="img:1", region_id="r", poll_interval=7)
+    assert op.poke_interval == 7

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +19,14 @@ from airflow.providers.common.compat.sdk import (
     Param,
     PokeReturnValue,
 )
+from conftest import install_virtual_clock
 
-from airflow_provider_ppio.exceptions import PPIOAuthError, PPIOBadResponseError, PPIONotFoundError
+from airflow_provider_ppio.exceptions import (
+    PPIOAuthError,
+    PPIOBadResponseError,
+    PPIONotFoundError,
+    PPIOUnreachableError,
+)
 from airflow_provider_ppio.sensors.prewarm import PrewarmTaskSensor
 
 TASKS = "/gpus/v2/prewarm-tasks"
@@ -31,9 +36,7 @@ MakeTask = Callable[..., dict[str, Any]]
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Waits between retries and between pokes, recorded instead of slept."""
-    waited: list[float] = []
-    monkeypatch.setattr(time, "sleep", waited.append)
-    return waited
+    return install_virtual_clock(monkeypatch)
 
 
 @pytest.fixture
@@ -143,12 +146,27 @@ def test_failed_raises_fail_exception_with_the_details(
         {"exc": requests.exceptions.ReadTimeout("slow")},
     ],
 )
-def test_transient_error_after_retries_keeps_waiting(
+def test_transient_errors_are_retried_until_unreachable_timeout_then_fail(
     requests_mock: rm.Mocker, task_url: str, sleeps: list[float], response: dict[str, Any]
 ) -> None:
     requests_mock.get(task_url, **response)
-    assert sensor().poke({}) is False
-    assert requests_mock.call_count == 5  # the hook retried before the sensor gave up this poke
+    with pytest.raises(PPIOUnreachableError, match=r"no usable answer for 120s") as info:
+        sensor(unreachable_timeout=120).poke({})
+    # Not a quiet "keep waiting" until the sensor's 7-day timeout: the task fails, and task retries apply.
+    assert not isinstance(info.value, AirflowFailException)
+    assert 119 <= sum(sleeps) <= 120.5  # backed off (capped at retry_wait_max) for the whole bound, no longer
+    assert requests_mock.call_count > 5  # more than one call's max_attempts
+    assert max(sleeps) <= 60
+
+
+def test_a_transient_fault_that_clears_within_the_bound_opens_the_gate(
+    requests_mock: rm.Mocker, task_url: str, sleeps: list[float], make_task: MakeTask
+) -> None:
+    failures = [{"status_code": 503, "json": {}}] * 8
+    requests_mock.get(task_url, [*failures, {"json": make_task("pw-1", "succeeded")}])
+    answer = sensor(unreachable_timeout=600).poke({})
+    assert isinstance(answer, PokeReturnValue) and answer.is_done
+    assert requests_mock.call_count == 9
 
 
 @pytest.mark.parametrize(
@@ -194,12 +212,14 @@ def test_key_not_logged_or_raised_by_the_sensor(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     requests_mock.get(task_url, status_code=503, text=f"proxy error for Bearer {api_key}")
-    assert sensor().poke({}) is False
+    with pytest.raises(PPIOUnreachableError) as unreachable:
+        sensor(unreachable_timeout=5).poke({})
+    assert api_key not in str(unreachable.value)
     requests_mock.get(task_url, status_code=401, json={"message": f"key {api_key} revoked"})
     with pytest.raises(PPIOAuthError) as info:
         sensor().poke({})
     logged = caplog.text + "".join(capsys.readouterr())
-    assert "will try again" in logged
+    assert "retrying in" in logged
     assert api_key not in logged
     assert api_key not in str(info.value)
 

@@ -18,6 +18,7 @@ from airflow.providers.common.compat.sdk import (
     TaskDeferred,
 )
 
+from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOAuthError, PPIOBadResponseError, PPIOError, PPIONotFoundError
 from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, PrewarmTaskSensor
 from airflow_provider_ppio.testing.server import EmulatorServer
@@ -99,7 +100,8 @@ def test_a_running_prewarm_defers_to_the_trigger_after_one_poke(emulator: Emulat
 def test_a_transient_error_on_the_first_poke_still_defers(
     emulator: EmulatorServer, set_conn: Callable[..., None]
 ) -> None:
-    set_conn(host=emulator.base_url, password=emulator.api_key, extra={"max_attempts": 1})
+    set_conn(host=emulator.base_url, password=emulator.api_key, extra={"max_attempts": 1, "backoff_initial": 0.01})
+    emulator.control.seed_task(task_id="pw-1", state="running")
     emulator.control.inject_fault("status", status=503, count=1, path_prefix=TASK_PATH)
 
     with pytest.raises(TaskDeferred):
@@ -258,18 +260,33 @@ def test_a_success_event_without_a_usable_task_fails(make_task: Any) -> None:
 # -- soft_fail through Airflow's resume path -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "event",
-    [
-        {"status": "timeout", "prewarm_task_id": "pw-1", "message": "still running"},
-        {"status": "error", "prewarm_task_id": "pw-1", "message": "HTTP 404", "error_type": "PPIONotFoundError"},
-    ],
-)
-def test_soft_fail_turns_a_deferred_timeout_or_error_into_a_skip(event: dict[str, Any]) -> None:
-    sensor = make_sensor(soft_fail=True)
+def test_soft_fail_turns_a_deferred_timeout_into_a_skip() -> None:
+    event = {"status": "timeout", "prewarm_task_id": "pw-1", "message": "still running"}
 
     with pytest.raises(AirflowSkipException):
-        sensor.resume_execution("execute_complete", {"event": event}, {})
+        make_sensor(soft_fail=True).resume_execution("execute_complete", {"event": event}, {})
+
+
+@pytest.mark.parametrize(
+    ("error_type", "http_status"),
+    [("PPIONotFoundError", 404), ("PPIOAuthError", 401), ("PPIOUnreachableError", None)],
+)
+def test_soft_fail_does_not_hide_an_error_after_a_deferral(error_type: str, http_status: int | None) -> None:
+    # Airflow's own resume_execution skips on any error under soft_fail; poke mode fails on these, so must this.
+    event = {"status": "error", "prewarm_task_id": "pw-1", "message": "boom", "error_type": error_type}
+    event["http_status"] = http_status
+
+    with pytest.raises(getattr(exceptions, error_type)):
+        make_sensor(soft_fail=True).resume_execution("execute_complete", {"event": event}, {})
+
+
+@pytest.mark.parametrize("soft_fail", [True, False])
+def test_never_fail_skips_any_error_after_a_deferral(soft_fail: bool) -> None:
+    event = {"status": "error", "prewarm_task_id": "pw-1", "message": "HTTP 401", "error_type": "PPIOAuthError"}
+    kwargs = {"never_fail": True} if not soft_fail else {"never_fail": True, "soft_fail": False}
+
+    with pytest.raises(AirflowSkipException):
+        make_sensor(**kwargs).resume_execution("execute_complete", {"event": event}, {})
 
 
 def test_without_soft_fail_a_deferred_timeout_fails_as_a_sensor_timeout() -> None:
