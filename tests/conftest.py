@@ -120,7 +120,7 @@ def install_virtual_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     import time
     import types
 
-    from airflow_provider_ppio.hooks import _shared
+    from airflow_provider_ppio.hooks import _retry, _shared
 
     waited: list[float] = []
     offset = [0.0]
@@ -135,6 +135,7 @@ def install_virtual_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
         monotonic=lambda: real_monotonic() + offset[0], time=lambda: real_time() + offset[0], sleep=fake_sleep
     )
     monkeypatch.setattr(_shared, "time", clock)
+    monkeypatch.setattr(_retry, "time", clock)
     return waited
 
 

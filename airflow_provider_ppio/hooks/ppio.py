@@ -24,10 +24,8 @@ from airflow_provider_ppio.hooks._shared import (
     ClientSettings,
     Patience,
     api_url,
-    gave_up,
     is_loopback,
     prewarm_task_path,
-    retry_arguments,
     scrub,
     snippet,
 )
@@ -204,9 +202,11 @@ class PPIOHook(BaseHook):
         :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         :param settings: Use these instead of the connection's (e.g. fewer attempts).
         """
+        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
         from tenacity import Retrying
 
         from airflow_provider_ppio.hooks import _sync
+        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
 
         api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
         for rotation in (False, True):
@@ -253,6 +253,7 @@ class PPIOHook(BaseHook):
         from tenacity import AsyncRetrying
 
         from airflow_provider_ppio.hooks import _async
+        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
 
         api_url(await self.aget_settings(), path)
         for rotation in (False, True):

@@ -28,8 +28,6 @@ from airflow_provider_ppio.exceptions import (
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting, outcome_of
-from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, MIN_DEFERRED_POKE_INTERVAL
-from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -314,6 +312,13 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     # -- deferrable ----------------------------------------------------------------------------------
 
     def _defer(self, task_id: str, deadline: float | None) -> None:
+        # airflow.triggers.base is only needed to defer, not to parse a DAG.
+        from airflow_provider_ppio.triggers.prewarm import (
+            DEFERRAL_TIMEOUT_GRACE,
+            MIN_DEFERRED_POKE_INTERVAL,
+            PrewarmTaskTrigger,
+        )
+
         trigger = PrewarmTaskTrigger(
             prewarm_task_id=task_id,
             ppio_conn_id=self.ppio_conn_id,
@@ -449,6 +454,8 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     :param event: The event payload.
     :param expected_task_id: The prewarm task the trigger was started for.
     """
+
+    from airflow_provider_ppio.triggers.prewarm import task_from_event
 
     def timed_out(message: str) -> AirflowFailException:
         return AirflowFailException(

@@ -28,15 +28,9 @@ except ImportError:  # Airflow 2.11
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
-from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
-
-#: Deferred polls are at least this far apart, whatever ``poke_interval`` says (no hot loop in the triggerer).
-MIN_DEFERRED_POKE_INTERVAL = 1.0
-#: Seconds after the sensor's timeout at which Airflow itself ends a deferral the trigger did not end.
-DEFERRAL_TIMEOUT_GRACE = 60.0
 
 
 class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
@@ -115,6 +109,13 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             raise self._ending(err)  # noqa: B904 - the ending keeps its cause
 
     def _defer(self, deadline: float) -> None:
+        # airflow.triggers.base is only needed to defer, not to parse a DAG.
+        from airflow_provider_ppio.triggers.prewarm import (
+            DEFERRAL_TIMEOUT_GRACE,
+            MIN_DEFERRED_POKE_INTERVAL,
+            PrewarmTaskTrigger,
+        )
+
         trigger = PrewarmTaskTrigger(
             prewarm_task_id=self.prewarm_task_id,
             ppio_conn_id=self.ppio_conn_id,
@@ -142,6 +143,8 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param event: The payload of the trigger's event.
         :param deadline: The wait's deadline (Unix time), kept for a ``silent_fail`` wait that goes on.
         """
+
+        from airflow_provider_ppio.triggers.prewarm import task_from_event
 
         def timed_out(message: str) -> AirflowSensorTimeout:
             return AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")

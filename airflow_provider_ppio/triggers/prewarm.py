@@ -37,6 +37,11 @@ EVENT_ERROR: Final = "error"
 #: Every event this trigger can fire; anything else is refused by the sensor.
 EVENT_STATUSES: Final = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
 
+#: Deferred polls are at least this far apart, whatever ``poke_interval`` says (no hot loop in the triggerer).
+MIN_DEFERRED_POKE_INTERVAL: Final = 1.0
+#: Seconds after the wait's deadline at which Airflow itself ends a deferral the trigger did not end.
+DEFERRAL_TIMEOUT_GRACE: Final = 60.0
+
 #: Each wait lasts ``poke_interval`` times a factor drawn from this range, so triggers deferred at
 #: the same moment spread their polls out instead of hitting the API in lockstep.
 _JITTER: Final = (0.9, 1.1)

@@ -20,9 +20,9 @@ from airflow.providers.common.compat.sdk import (
 
 from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOAuthError, PPIOBadResponseError, PPIOError, PPIONotFoundError
-from airflow_provider_ppio.sensors.prewarm import DEFERRAL_TIMEOUT_GRACE, PrewarmTaskSensor
+from airflow_provider_ppio.sensors.prewarm import PrewarmTaskSensor
 from airflow_provider_ppio.testing.server import EmulatorServer
-from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+from airflow_provider_ppio.triggers.prewarm import DEFERRAL_TIMEOUT_GRACE, PrewarmTaskTrigger
 
 TASK_PATH = "/gpus/v2/prewarm-tasks/"
 

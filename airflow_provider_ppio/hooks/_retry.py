@@ -1,0 +1,132 @@
+"""
+The one retry policy of both transports (``tenacity.Retrying`` and ``AsyncRetrying``).
+
+Kept apart from :mod:`._shared` so that importing an operator or sensor (every DAG parse) does not
+import tenacity; the transports import it when a call is made.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from airflow_provider_ppio.exceptions import PPIOError, PPIORateLimitError, PPIOTransportError, PPIOUnreachableError
+from airflow_provider_ppio.hooks._shared import ClientSettings, Patience
+
+
+class WarningLogger(Protocol):
+    """Anything with a stdlib-style ``warning`` (stdlib and Airflow 3 task loggers)."""
+
+    def warning(self, msg: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
+    """
+    Whether a failed attempt should be tried again.
+
+    :param error: What the attempt raised.
+    :param idempotent: False for requests that must not run twice (create): then only errors that
+        prove the server did not act are retried: a connection never made and a 429.
+    """
+    if not isinstance(error, PPIOError) or not error.transient:
+        return False
+    if idempotent or isinstance(error, PPIORateLimitError):
+        return True
+    return isinstance(error, PPIOTransportError) and not error.request_sent
+
+
+def retry_arguments(
+    settings: ClientSettings,
+    *,
+    what: str,
+    log: WarningLogger,
+    idempotent: bool = True,
+    patience: Patience | None = None,
+) -> dict[str, Any]:
+    """
+    Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: the one policy of both transports.
+
+    Transient errors (network, timeouts, 429, 5xx) are retried with exponential backoff and jitter, or
+    after what a 429's ``Retry-After`` asks (capped at ``retry_wait_max``). A one-off call stops after
+    ``max_attempts``; a wait (``patience``) goes on until ``unreachable_timeout`` or its deadline, with
+    a last attempt right at the limit. Nothing is held while sleeping.
+
+    :param settings: Attempts and waits come from here.
+    :param what: ``METHOD path``, for the log line before each wait.
+    :param log: Where to say that a retry is coming.
+    :param idempotent: See :func:`is_retryable`.
+    :param patience: Retry by time instead of by attempts.
+    """
+    started = time.monotonic()
+    backoff = wait_exponential_jitter(
+        initial=settings.backoff_initial,
+        max=settings.retry_wait_max,
+        jitter=settings.backoff_initial,
+    )
+
+    def wait(retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
+            seconds = min(error.retry_after, settings.retry_wait_max)
+        else:
+            seconds = float(backoff(retry_state))
+        if patience is not None:
+            seconds = min(seconds, max(0.0, patience.remaining(started)))
+        return seconds
+
+    def stop(retry_state: RetryCallState) -> bool:
+        if patience is None:
+            return bool(stop_after_attempt(settings.max_attempts)(retry_state))
+        return patience.remaining(started) <= 0
+
+    def before_sleep(retry_state: RetryCallState) -> None:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        seconds = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        if patience is None:
+            log.warning(
+                "PPIO API %s failed (%s); retrying in %.1fs (attempt %d of %d)",
+                what,
+                error,
+                seconds,
+                retry_state.attempt_number + 1,
+                settings.max_attempts,
+            )
+        else:
+            log.warning(
+                "PPIO API %s failed (%s); no usable answer for %.0fs, retrying in %.1fs (giving up after %gs)",
+                what,
+                error,
+                time.monotonic() - started,
+                seconds,
+                patience.unreachable_timeout,
+            )
+
+    return {
+        "stop": stop,
+        "wait": wait,
+        "retry": retry_if_exception(lambda error: is_retryable(error, idempotent=idempotent)),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }
+
+
+def gave_up(error: PPIOError, patience: Patience, where: str) -> PPIOError:
+    """
+    What a wait raises when its retries stop: the last error, or :class:`PPIOUnreachableError` naming it
+    when ``unreachable_timeout`` ran out (the deadline's own timeout is the caller's to report).
+
+    :param error: The last attempt's error.
+    :param patience: The wait's limits.
+    :param where: ``METHOD path``, for the message.
+    """
+    if not error.transient or (patience.deadline is not None and time.time() >= patience.deadline):
+        return error
+    return PPIOUnreachableError(
+        f"{where}: the PPIO API gave no usable answer for {patience.unreachable_timeout:g}s "
+        f"(unreachable_timeout); last error: {error}",
+        request_sent=True,
+    )
