@@ -1,7 +1,7 @@
 # Everything starts from python3 alone: each target builds (or reuses) the venvs it needs under .venvs/.
 #
 #   make demo      gated deployment DAG, run end to end against the offline PPIO emulator (Airflow 3.3)
-#   make test      lint + mypy, then the whole test suite on Airflow 2.11 and on Airflow 3.3
+#   make test      lint + mypy, the whole test suite on Airflow 2.11 and on Airflow 3.3, the sync transport on urllib3 1.26
 #
 # Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | clean.
 # Extra pytest arguments: make test-af3 PYTEST_ARGS="-k sensor -x".
@@ -15,7 +15,7 @@ export PYTHON VENVS PYTEST_ARGS
 AF2 := $(VENVS)/af2/bin
 AF3 := $(VENVS)/af3/bin
 
-.PHONY: help demo test venvs venv-af2 venv-af3 lint format test-af2 test-af3 e2e clean
+.PHONY: help demo test venvs venv-af2 venv-af3 venv-af2-urllib3 lint format test-af2 test-af3 e2e clean
 
 help:
 	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
@@ -26,12 +26,15 @@ venv-af2:
 venv-af3:
 	@scripts/bootstrap.sh af3
 
-venvs: venv-af2 venv-af3
+venv-af2-urllib3:
+	@scripts/bootstrap.sh af2-urllib3
+
+venvs: venv-af2 venv-af3 venv-af2-urllib3
 
 demo: venv-af3
 	@$(AF3)/python scripts/demo.py
 
-test: venv-af2 venv-af3
+test: venvs
 	@scripts/test.sh all
 
 lint: venv-af3

@@ -3,6 +3,7 @@
 #
 #   scripts/bootstrap.sh af3     # Airflow 3.3 + test deps + lint tools (ruff, mypy, schemathesis)
 #   scripts/bootstrap.sh af2     # Airflow 2.11 + test deps
+#   scripts/bootstrap.sh af2-urllib3   # the same with the oldest urllib3 the package allows (1.26)
 #
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
@@ -16,14 +17,19 @@ PYTHON=${PYTHON:-python3}
 UV_VERSION=0.13.9
 AIRFLOW_2=2.11.2
 AIRFLOW_3=3.3.2
+URLLIB3_OLDEST=1.26.20
+override=""
 
 name=${1:?usage: scripts/bootstrap.sh af2|af3}
 case "$name" in
     af2) airflow="apache-airflow==$AIRFLOW_2"; constraints=requirements/constraints-airflow-2.11.txt
          reqs=(requirements/test.txt) ;;
+    # requests>=2.31 still allows urllib3 1.26, whose streaming API differs: the sync transport is tested on it.
+    af2-urllib3) airflow="apache-airflow==$AIRFLOW_2"; constraints=requirements/constraints-airflow-2.11.txt
+         reqs=(requirements/test.txt); override="urllib3==$URLLIB3_OLDEST" ;;
     af3) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
          reqs=(requirements/test.txt requirements/lint.txt) ;;
-    *) echo "bootstrap: unknown venv '$name' (expected af2 or af3)" >&2; exit 2 ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3 or af3)" >&2; exit 2 ;;
 esac
 
 say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
@@ -62,7 +68,7 @@ venv=$VENVS/$name
 stamp_file=$venv/.bootstrap-stamp
 stamp=$(
     {
-        echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION"
+        echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION $override"
         cat scripts/bootstrap.sh pyproject.toml "$constraints" "${reqs[@]}"
     } | sha256sum | cut -d' ' -f1
 )
@@ -79,6 +85,14 @@ fi
 say "installing $airflow, test dependencies and the project (editable, [emulator])"
 req_args=()
 for req in "${reqs[@]}"; do req_args+=(-r "$req"); done
+if [ -n "$override" ]; then
+    # The constraints pin the overridden package too: drop that pin, then force the override.
+    package=${override%%==*}
+    grep -v "^$package==" "$constraints" >"$venv/constraints.txt"
+    echo "$override" >"$venv/override.txt"
+    constraints=$venv/constraints.txt
+    req_args+=(--override "$venv/override.txt")
+fi
 "$uv" pip install --quiet --python "$venv/bin/python" --constraint "$constraints" \
     "$airflow" "${req_args[@]}" -e ".[emulator]"
 

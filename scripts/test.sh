@@ -4,6 +4,7 @@
 #   scripts/test.sh all        lint, then pytest on Airflow 3.3 and on Airflow 2.11
 #   scripts/test.sh lint       ruff check, ruff format --check, mypy --strict (Airflow 3.3 venv)
 #   scripts/test.sh af2 af3    pytest on the named lines only
+#   scripts/test.sh urllib3    the sync transport's tests on the oldest urllib3 allowed (venv af2-urllib3)
 #
 # Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
 # when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
@@ -18,7 +19,7 @@ PYTEST_ARGS=${PYTEST_ARGS:-}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300}
 PYTEST_LINE_TIMEOUT=${PYTEST_LINE_TIMEOUT:-1800}
 [ $# -gt 0 ] || set -- all
-[ "$1" = all ] && set -- lint af3 af2
+[ "$1" = all ] && set -- lint af3 af2 urllib3
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/ppio-test.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
@@ -59,8 +60,10 @@ count() {  # count <word> <pytest closing line>: the number before "<word>", 0 i
     echo "${n:-0}"
 }
 
-pytest_line() {  # pytest_line af2|af3
+pytest_line() {  # pytest_line <venv name> [test paths...]
     local name=$1 bin=$VENVS/$1/bin version home log rc closing
+    shift
+    local paths=("$@")
     version=$("$bin/python" -c 'import importlib.metadata as m; print(m.version("apache-airflow"))') || {
         record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs)"
         return
@@ -73,13 +76,13 @@ pytest_line() {  # pytest_line af2|af3
     # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words on purpose
     AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
         timeout --foreground --kill-after=30 "$PYTEST_LINE_TIMEOUT" \
-        "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" $PYTEST_ARGS 2>&1 | tee "$log"
+        "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" $PYTEST_ARGS "${paths[@]}" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     closing=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
     total_passed=$((total_passed + $(count passed "$closing")))
     total_failed=$((total_failed + $(count failed "$closing") + $(count error "$closing")))
     total_skipped=$((total_skipped + $(count skipped "$closing")))
-    local label="pytest on Airflow $version"
+    local label="pytest on Airflow $version${paths:+ ($name)}"
     case $rc in
         0) record ok "$label" "$closing" ;;
         5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected}" ;;
@@ -92,7 +95,8 @@ for step in "$@"; do
     case $step in
         lint) lint ;;
         af2 | af3) pytest_line "$step" ;;
-        *) echo "test.sh: unknown step '$step' (expected all, lint, af2 or af3)" >&2; exit 2 ;;
+        urllib3) pytest_line af2-urllib3 tests/unit/test_hook.py tests/unit/test_sensor.py tests/unit/test_transport_config.py ;;
+        *) echo "test.sh: unknown step '$step' (expected all, lint, af2, af3 or urllib3)" >&2; exit 2 ;;
     esac
 done
 
