@@ -181,8 +181,9 @@ def test_a_task_retried_after_failing_mid_wait_starts_no_second_prewarm(
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "lifecycle_retry.py").write_text(textwrap.dedent(RETRY_DAG.format(image=IMAGE, regions=regions)))
-    # The first read of each new prewarm task is refused: each mapped task fails after creating its prewarm.
-    emulator.control.inject_fault("status", status=401, count=len(regions), method="GET", path_prefix=TASKS + "/")
+    # The first read of each new prewarm task is unusable (an error a task retry may cure): each mapped task
+    # fails after creating its prewarm, and Airflow retries it.
+    emulator.control.inject_fault("malformed_json", count=len(regions), method="GET", path_prefix=TASKS + "/")
 
     result = dag_test.run("lifecycle_retry", dags_folder=dags)
 
