@@ -26,6 +26,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_ppio.hooks._shared import check_seconds
 from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting, outcome_of
 
@@ -160,13 +161,11 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 stacklevel=2,
             )
             poke_interval = poll_interval
-        self.poke_interval = _positive_seconds("poke_interval", poke_interval)
-        self.timeout = None if timeout is None else _positive_seconds("timeout", timeout)
+        self.poke_interval = check_seconds("poke_interval", poke_interval)
+        self.timeout = check_seconds("timeout", timeout, allow_none=True)
         self.deferrable = deferrable
         self.reuse_existing = reuse_existing
-        self.unreachable_timeout = (
-            None if unreachable_timeout is None else _positive_seconds("unreachable_timeout", unreachable_timeout)
-        )
+        self.unreachable_timeout = check_seconds("unreachable_timeout", unreachable_timeout, allow_none=True)
         if self.outlets and not wait_for_completion:
             raise ValueError(
                 f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
@@ -649,10 +648,3 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
 
     visit(value)
     return list(ids)
-
-
-def _positive_seconds(name: str, value: float | datetime.timedelta) -> float:
-    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(seconds)

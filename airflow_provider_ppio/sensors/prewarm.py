@@ -26,6 +26,7 @@ except ImportError:  # Airflow 2.11
     from airflow.exceptions import AirflowRescheduleException  # type: ignore[no-redef,attr-defined,unused-ignore]
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_ppio.hooks._shared import check_seconds
 from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
@@ -80,7 +81,7 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
         self.deferrable = deferrable
-        self.unreachable_timeout = unreachable_timeout
+        self.unreachable_timeout = check_seconds("unreachable_timeout", unreachable_timeout, allow_none=True)
         self._deadline: float | None = None
 
     # -- modes ---------------------------------------------------------------------------------------

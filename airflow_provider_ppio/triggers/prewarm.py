@@ -22,7 +22,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks._shared import prewarm_task_path
+from airflow_provider_ppio.hooks._shared import check_seconds, prewarm_task_path
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
@@ -75,15 +75,12 @@ class PrewarmTaskTrigger(BaseTrigger):
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         prewarm_task_path(prewarm_task_id)  # refuse a bad id here, not in the triggerer
-        if isinstance(poke_interval, bool) or not isinstance(poke_interval, int | float) or not poke_interval > 0:
-            raise PPIOInvalidInputError(f"poke_interval must be a positive number of seconds, got {poke_interval!r}")
-        for name, value in (("deadline", deadline), ("unreachable_timeout", unreachable_timeout)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            ):
-                raise PPIOInvalidInputError(f"{name} must be a number of seconds or None, got {value!r}")
-        if unreachable_timeout is not None and unreachable_timeout <= 0:
-            raise PPIOInvalidInputError(f"unreachable_timeout must be positive, got {unreachable_timeout!r}")
+        check_seconds("poke_interval", poke_interval)
+        check_seconds("unreachable_timeout", unreachable_timeout, allow_none=True)
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or not math.isfinite(deadline)
+        ):
+            raise PPIOInvalidInputError(f"deadline must be a Unix time in seconds or None, got {deadline!r}")
         self.prewarm_task_id = prewarm_task_id
         self.ppio_conn_id = ppio_conn_id
         self.poke_interval = float(poke_interval)

@@ -24,6 +24,7 @@ from conftest import install_virtual_clock
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
     PPIOBadResponseError,
+    PPIOInvalidInputError,
     PPIONotFoundError,
     PPIOUnreachableError,
 )
@@ -362,3 +363,9 @@ def test_waiting_attaches_no_asset_event(requests_mock: rm.Mocker, task_url: str
 
     assert sensor(outlets=[asset]).poke(context) is False
     assert "task_id" not in context["outlet_events"][asset].extra
+
+
+@pytest.mark.parametrize("value", [0, -1, float("inf"), "10", True])
+def test_a_bad_unreachable_timeout_is_refused_when_the_dag_is_parsed(value: Any) -> None:
+    with pytest.raises(PPIOInvalidInputError, match="unreachable_timeout must be a positive number of seconds"):
+        sensor(unreachable_timeout=value)
