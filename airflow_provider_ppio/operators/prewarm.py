@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import random
+import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +24,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOInvalidInputError,
     PPIONotFoundError,
     PPIOPrewarmFailedError,
+    PPIOQuotaExceededError,
     PPIOServerError,
     PPIOTransportError,
 )
@@ -71,6 +74,14 @@ XCOM_PREWARM_TASK = "prewarm_task"
 #: The marker that ties a prewarm task to one Airflow task instance starts with this.
 MARKER_PREFIX = "airflow-"
 _MISSING = "<not found>"
+#: Waits for a free quota slot grow from ``poke_interval`` to this many times it, with this much jitter.
+QUOTA_BACKOFF_CAP_FACTOR = 4
+_QUOTA_JITTER = (0.8, 1.2)
+#: ``[registry[:port]/]path[:tag][@sha256:digest]``, as container tools write image references.
+_IMAGE_REFERENCE = re.compile(
+    r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
 
 
 class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperator):
@@ -94,12 +105,25 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
       between the create call and the durable write, and a create whose answer was lost (timeout,
       reset connection, 5xx, an unreadable answer), which the hook does not resend.
 
+    The account runs a limited number of prewarms at once (5 by default). When the API refuses a
+    create for that reason, the operator waits for a free slot and creates then (``wait_for_quota``,
+    on by default): waits start at ``poke_interval`` and double, with jitter, up to
+    ``QUOTA_BACKOFF_CAP_FACTOR`` times it, in the worker or, with ``deferrable=True``, deferred to the
+    triggerer between attempts. Every attempt looks for this task instance's prewarm first, so a
+    create whose answer was lost is never sent twice.
+
+    With ``reuse_prewarmed=True`` no prewarm is started when the same image is already prewarmed in
+    the region (a succeeded task for exactly this image reference): a digest-pinned reference
+    (``...@sha256:...``) always matches, a tag only when that task completed within ``max_age``
+    (a tag can move). The operator then returns that task's details with ``"reused": true``.
+
     Waiting uses the same decision as :class:`~airflow_provider_ppio.sensors.prewarm.PrewarmTaskSensor`:
-    ``succeeded`` ends it, ``failed`` raises ``AirflowFailException`` with the API's error, anything
-    else keeps waiting; transient API errors are logged and the wait goes on. In deferrable mode the
-    wait runs in the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`).
-    When ``timeout`` passes the task fails without retry and the prewarm is left running (delete it
-    with :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown).
+    ``succeeded`` ends it, ``failed`` raises ``PPIOPrewarmFailedError`` with the API's error, anything
+    else keeps waiting; transient API errors are retried for up to ``unreachable_timeout``. In
+    deferrable mode the wait runs in the triggerer
+    (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`). When ``timeout`` passes the
+    task fails without retry and the prewarm is left running (delete it with
+    :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown).
 
     :param image: Full image reference to prewarm (templated).
     :param region_id: Target region id (templated).
@@ -109,11 +133,16 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     :param ppio_conn_id: The PPIO connection id (templated).
     :param wait_for_completion: Wait until the prewarm succeeds (default) or return once it is created.
     :param poke_interval: Seconds between two reads of the prewarm task while waiting (the sensor's name).
-    :param timeout: Longest wait in this try, in seconds or as a ``timedelta``; None waits forever.
+    :param timeout: Longest this try waits, for a quota slot and for the prewarm together, in seconds or as a
+        ``timedelta``; None waits forever.
     :param deferrable: Wait in the triggerer; defaults to ``[operators] default_deferrable``.
     :param reuse_existing: Look for this task instance's prewarm (by marker) before creating one.
     :param unreachable_timeout: Seconds the API may give no usable answer during the wait before the task
         fails; defaults to the connection's extra of that name, else 600.
+    :param wait_for_quota: Wait for a free slot when the account's prewarm quota is used up; False fails at once
+        with ``PPIOQuotaExceededError``.
+    :param reuse_prewarmed: Return a succeeded prewarm of the same image in the region instead of starting one.
+    :param max_age: With ``reuse_prewarmed``: how recent a prewarm of a tagged (not digest-pinned) image must be.
     :param poll_interval: Deprecated name of ``poke_interval``.
     """
 
@@ -143,6 +172,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         reuse_existing: bool = True,
         unreachable_timeout: float | None = None,
+        wait_for_quota: bool = True,
+        reuse_prewarmed: bool = False,
+        max_age: float | datetime.timedelta | None = None,
         poll_interval: float | None = None,
         **kwargs: Any,
     ) -> None:
@@ -166,6 +198,15 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self.deferrable = deferrable
         self.reuse_existing = reuse_existing
         self.unreachable_timeout = check_seconds("unreachable_timeout", unreachable_timeout, allow_none=True)
+        self.wait_for_quota = wait_for_quota
+        self.reuse_prewarmed = reuse_prewarmed
+        self.max_age = check_seconds("max_age", max_age, allow_none=True)
+        if self.max_age is not None and not reuse_prewarmed:
+            raise PPIOInvalidInputError(
+                f"{type(self).__name__} {self.task_id!r}: max_age only applies with reuse_prewarmed=True"
+            )
+        if reuse_prewarmed and "{{" not in str(image):
+            image_reference(image)  # refuse a bad reference now; a templated one is checked when rendered
         if self.outlets and not wait_for_completion:
             raise ValueError(
                 f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
@@ -173,11 +214,15 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
             )
         self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, deadline: float | None = None, quota_attempt: int = 0, quota_since: float | None = None) -> None:
         self._task: PrewarmTask | None = None
         self._result: dict[str, Any] | None = None
         self._pushed_id = False
         self._pushed_details = False
+        self._reused = False
+        self._deadline = deadline
+        self._quota_attempt = quota_attempt
+        self._quota_since = quota_since
 
     def execute(self, context: Context) -> Any:
         """
@@ -185,18 +230,53 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
         :param context: The task context.
         """
-        self._reset()
+        self._reset(deadline=None if self.timeout is None else time.time() + self.timeout)
+        return self.execute_resumable(context)
+
+    def resume_after_quota_wait(
+        self,
+        context: Context,
+        event: Any = None,
+        deadline: float | None = None,
+        quota_attempt: int = 0,
+        quota_since: float | None = None,
+    ) -> Any:
+        """
+        Try again after a deferred wait for a free quota slot (the wait's deadline and backoff carry on).
+
+        :param context: The task context.
+        :param event: The timer trigger's event (unused).
+        :param deadline: The try's deadline (Unix time), or None.
+        :param quota_attempt: How many creates were refused for the quota so far.
+        :param quota_since: When the first refusal came (Unix time).
+        """
+        self._reset(deadline=deadline, quota_attempt=quota_attempt, quota_since=quota_since)
         return self.execute_resumable(context)
 
     # -- ResumableJobMixin ---------------------------------------------------------------------------
 
     def submit_job(self, context: Context) -> str:
         """
-        Reuse this task instance's prewarm task if one is pending, running or succeeded; else create one.
+        Reuse a prewarm (this task instance's, or with ``reuse_prewarmed`` a warm one); else create one,
+        waiting for a free quota slot if needed.
 
         :param context: The task context.
         """
+        if self.reuse_prewarmed:
+            warm = self._find_prewarmed()
+            if warm is not None:
+                return warm
         marker = idempotency_marker(context)
+        while True:
+            try:
+                return self._create(marker)
+            except PPIOQuotaExceededError as err:
+                if not self.wait_for_quota:
+                    raise
+                self._wait_for_quota(err)
+
+    def _create(self, marker: str) -> str:
+        """This task instance's pending, running or succeeded prewarm (by marker) if any, else a new one."""
         if self.reuse_existing:
             found = self._find_reusable(marker)
             if found is not None:
@@ -271,7 +351,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         if not self.wait_for_completion:
             self._read_and_push(task_id, context)
             return self.get_job_result(task_id, context)
-        deadline = None if self.timeout is None else time.time() + self.timeout
+        deadline = self._deadline
         while True:
             try:
                 task = self._read_and_push(task_id, context, deadline=deadline)
@@ -357,6 +437,83 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
     # -- helpers -------------------------------------------------------------------------------------
 
+    def _wait_for_quota(self, err: PPIOQuotaExceededError) -> None:
+        """Wait (here, or deferred) before the next create; fail when the wait would pass the deadline."""
+        now = time.time()
+        if self._quota_since is None:
+            self._quota_since = now
+        cap = self.poke_interval * QUOTA_BACKOFF_CAP_FACTOR
+        wait = min(self.poke_interval * 2**self._quota_attempt, cap) * random.uniform(*_QUOTA_JITTER)
+        self._quota_attempt += 1
+        waited = now - self._quota_since
+        if self._deadline is not None and now + wait > self._deadline:
+            raise AirflowFailException(
+                f"No free prewarm slot for {self.image!r} in region {self.region_id!r} within the timeout "
+                f"({waited:.0f}s waited, {self._quota_attempt} creates refused): {err}"
+            )
+        self.log.warning(
+            "The account's prewarm quota is used up (%s); waited %.0fs so far for a free slot, next create in %.0fs",
+            err.api_message or err,
+            waited,
+            wait,
+        )
+        if self.deferrable:
+            self._defer_quota_wait(wait)
+        time.sleep(wait)
+
+    def _defer_quota_wait(self, wait: float) -> None:
+        # Airflow's timer trigger, from where each Airflow line keeps it; only needed to defer.
+        try:
+            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+        except ImportError:  # Airflow 2.11
+            from airflow.triggers.temporal import DateTimeTrigger  # type: ignore[no-redef,unused-ignore]
+
+        moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait)
+        self.defer(
+            trigger=DateTimeTrigger(moment),
+            method_name="resume_after_quota_wait",
+            kwargs={
+                "deadline": self._deadline,
+                "quota_attempt": self._quota_attempt,
+                "quota_since": self._quota_since,
+            },
+        )
+
+    def _find_prewarmed(self) -> str | None:
+        """A succeeded prewarm of exactly this image in this region that may be reused (``reuse_prewarmed``)."""
+        reference = image_reference(self.image)
+        if reference["digest"] is None and self.max_age is None:
+            self.log.warning(
+                "reuse_prewarmed: %s is a tag, not a digest, and no max_age is set: a tag can move, so no earlier "
+                "prewarm is reused",
+                self.image,
+            )
+            return None
+        oldest = None if reference["digest"] is not None else time.time() - (self.max_age or 0)
+        candidates = [
+            task
+            for task in self.hook.list_prewarm_tasks(
+                status="succeeded", region_id=self.region_id, name=reference["name"]
+            )
+            if task.image == self.image
+            and task.region_id == self.region_id
+            and task.outcome is Outcome.SUCCEEDED
+            and (oldest is None or task.completed_at >= oldest)
+        ]
+        if not candidates:
+            return None
+        task = max(candidates, key=lambda candidate: candidate.completed_at)
+        self.log.info(
+            "Reusing prewarm task %s: %s is already prewarmed in region %s (completed at %s); nothing is created",
+            task.task_id,
+            self.image,
+            self.region_id,
+            datetime.datetime.fromtimestamp(task.completed_at, datetime.UTC).isoformat(),
+        )
+        self._task = task
+        self._reused = True
+        return task.task_id
+
     def _find_reusable(self, marker: str) -> str | None:
         """This task instance's newest pending, running or succeeded prewarm task, by marker."""
         candidates = [
@@ -414,6 +571,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
     def _complete(self, task: PrewarmTask, context: Context) -> dict[str, Any]:
         details = task.to_xcom()
+        if self._reused:
+            details["reused"] = True
         if task.outcome is Outcome.SUCCEEDED:
             self.log.info(
                 "Prewarm task %s succeeded: %s in region %s (%s bytes)",
@@ -429,6 +588,24 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
         self._result = details
         return details
+
+
+def image_reference(image: str) -> dict[str, str | None]:
+    """
+    Split an image reference into its short name, tag and digest; refuse one that cannot be parsed.
+
+    :param image: E.g. ``registry.example.com/team/server:1.4`` or ``...server@sha256:<64 hex>``.
+    """
+    match = _IMAGE_REFERENCE.match(image) if isinstance(image, str) else None
+    if match is None:
+        raise PPIOInvalidInputError(
+            f"reuse_prewarmed needs an image reference such as registry.example.com/team/image:tag or "
+            f"...image@sha256:<digest>, got {image!r}"
+        )
+    path = image.split("@", 1)[0]
+    if match["tag"]:
+        path = path[: -len(match["tag"]) - 1]
+    return {"name": path.rsplit("/", 1)[-1], "tag": match["tag"], "digest": match["digest"]}
 
 
 def idempotency_marker(context: Context) -> str:

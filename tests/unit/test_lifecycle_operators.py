@@ -16,6 +16,7 @@ import pytest
 import requests
 import requests_mock as rm
 from airflow import __version__ as AIRFLOW_VERSION
+from airflow.providers.common.compat.sdk import AirflowFailException
 from packaging.version import Version
 
 from airflow_provider_ppio.assets import (
@@ -338,12 +339,15 @@ def test_timeout_fails_the_task_and_leaves_the_prewarm(api: FakeAPI, clock: Cloc
     assert "pw-1" in api.tasks
 
 
-def test_quota_error_reaches_the_user(requests_mock: rm.Mocker, ppio_conn: str, clock: Clock) -> None:
+def test_without_wait_for_quota_the_quota_error_reaches_the_user_at_once(
+    requests_mock: rm.Mocker, ppio_conn: str, clock: Clock
+) -> None:
     requests_mock.get(TASKS, json={"data": [], "next_cursor": "", "has_more": False})
     requests_mock.post(TASKS, status_code=400, json={"message": "prewarm task quota exceeded"})
 
     with pytest.raises(PPIOQuotaExceededError, match="5 by default"):
-        create_op().execute(make_context())
+        create_op(wait_for_quota=False).execute(make_context())
+    assert clock.sleeps == []
 
 
 @pytest.mark.parametrize(
@@ -816,3 +820,172 @@ def test_poll_interval_is_the_deprecated_name_of_poke_interval() -> None:
     with pytest.warns(DeprecationWarning, match="use poke_interval"):
         op = PPIOCreatePrewarmTaskOperator(task_id="create", image="img:1", region_id="r", poll_interval=7)
     assert op.poke_interval == 7
+
+
+# -- waiting for a free quota slot ---------------------------------------------------------------------------
+
+
+QUOTA_REFUSAL = {"status_code": 400, "json": {"message": "prewarm task quota exceeded", "reason": "QUOTA"}}
+
+
+def refuse_creates(api: FakeAPI, requests_mock: rm.Mocker, refusals: int) -> list[str]:
+    """The next ``refusals`` creates are refused for the quota; the ones after succeed. Returns the bodies seen."""
+    seen: list[str] = []
+
+    def create(request: Any, context: Any) -> dict[str, Any]:
+        seen.append(request.json()["note"])
+        if len(seen) <= refusals:
+            context.status_code = 400
+            return QUOTA_REFUSAL["json"]
+        return api._create(request, context)
+
+    requests_mock.post(TASKS, json=create)
+    return seen
+
+
+def test_a_create_refused_for_the_quota_waits_for_a_free_slot_and_creates_then(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = refuse_creates(api, requests_mock, refusals=3)
+
+    result = create_op(poke_interval=10).execute(make_context())
+
+    assert result["status"]["status"] == "succeeded"
+    assert len(seen) == 4 and api.creates == 1  # three refusals, then one prewarm
+    quota_waits = clock.sleeps[:3]
+    # Backoff from poke_interval, doubling, capped at 4x, with +-20% jitter: 10, 20, 40.
+    for wait, base in zip(quota_waits, (10, 20, 40), strict=True):
+        assert 0.8 * base <= wait <= 1.2 * base
+    assert api.lists >= 4  # this task instance's prewarm was looked for before every create
+
+
+def test_quota_waits_are_capped_and_end_with_the_timeout(api: FakeAPI, requests_mock: rm.Mocker, clock: Clock) -> None:
+    seen = refuse_creates(api, requests_mock, refusals=10_000)
+
+    with pytest.raises(AirflowFailException, match=r"No free prewarm slot .* within the timeout") as info:
+        create_op(poke_interval=10, timeout=600).execute(make_context())
+
+    assert not isinstance(info.value, PPIOQuotaExceededError)
+    assert max(clock.sleeps) <= 40 * 1.2  # capped at 4x poke_interval: the API is never hammered, never starved
+    assert sum(clock.sleeps) <= 600
+    assert len(seen) == len(clock.sleeps) + 1
+    assert api.creates == 0
+
+
+def test_a_lost_create_answer_after_a_quota_wait_is_found_not_sent_twice(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock
+) -> None:
+    refusals = 1
+
+    def create(request: Any, context: Any) -> dict[str, Any]:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            context.status_code = 400
+            return QUOTA_REFUSAL["json"]
+        api.lose_create_answer = "timeout"
+        return api._create(request, context)
+
+    requests_mock.post(TASKS, json=create)
+
+    result = create_op().execute(make_context())
+
+    assert api.creates == 1
+    assert result["task_id"] == "pw-1"
+
+
+def test_deferrable_quota_waits_free_the_worker_and_carry_the_deadline(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock
+) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    refuse_creates(api, requests_mock, refusals=2)
+    op = create_op(deferrable=True, poke_interval=10, timeout=3600)
+    context = make_context()
+
+    with pytest.raises(TaskDeferred) as first:
+        op.execute(context)
+    assert first.value.method_name == "resume_after_quota_wait"
+    assert type(first.value.trigger).__name__ == "DateTimeTrigger"
+    assert first.value.kwargs["deadline"] == pytest.approx(clock.now + 3600)
+    assert clock.sleeps == []  # not held in the worker
+    with pytest.raises(TaskDeferred) as second:
+        op.resume_after_quota_wait(context, **first.value.kwargs)
+    assert second.value.kwargs["quota_attempt"] == 2
+    assert second.value.kwargs["deadline"] == first.value.kwargs["deadline"]
+    # The third create is accepted: the operator goes on to wait for the prewarm in the triggerer.
+    with pytest.raises(TaskDeferred) as waiting:
+        op.resume_after_quota_wait(context, **second.value.kwargs)
+    assert waiting.value.method_name == "execute_complete"
+    assert waiting.value.trigger.deadline == pytest.approx(first.value.kwargs["deadline"])
+    assert api.creates == 1
+
+
+# -- reusing what is already warm ----------------------------------------------------------------------------
+
+DIGEST_IMAGE = "registry.example.com/team/llama@sha256:" + "ab" * 32
+
+
+def test_a_digest_pinned_image_already_prewarmed_is_reused_whatever_its_age(api: FakeAPI, clock: Clock) -> None:
+    api.add("pw-old", "succeeded", image=DIGEST_IMAGE, completed_at=1_000)
+
+    result = create_op(image=DIGEST_IMAGE, reuse_prewarmed=True).execute(make_context())
+
+    assert result["task_id"] == "pw-old"
+    assert result["reused"] is True
+    assert api.creates == 0
+
+
+@pytest.mark.parametrize(("age", "reused"), [(60, True), (7200, False)])
+def test_a_tag_is_reused_only_within_max_age(api: FakeAPI, clock: Clock, age: int, reused: bool) -> None:
+    api.add("pw-old", "succeeded", completed_at=int(clock.now) - age)
+
+    result = create_op(reuse_prewarmed=True, max_age=datetime.timedelta(hours=1)).execute(make_context())
+
+    assert (result["task_id"] == "pw-old") is reused
+    assert result.get("reused", False) is reused
+    assert api.creates == (0 if reused else 1)
+
+
+def test_a_tag_without_max_age_is_never_reused(api: FakeAPI, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    api.add("pw-old", "succeeded", completed_at=int(clock.now) - 1)
+
+    result = create_op(reuse_prewarmed=True).execute(make_context())
+
+    assert result["task_id"] == "pw-1" and "reused" not in result
+    assert api.creates == 1
+
+
+def test_another_image_or_region_is_not_reused(api: FakeAPI, clock: Clock) -> None:
+    api.add("pw-other-tag", "succeeded", image=DIGEST_IMAGE.replace("ab", "cd"), completed_at=int(clock.now))
+    api.add("pw-other-region", "succeeded", image=DIGEST_IMAGE, region_id="eu-west-1", completed_at=int(clock.now))
+    api.add("pw-failed", "failed", image=DIGEST_IMAGE, completed_at=int(clock.now))
+
+    result = create_op(image=DIGEST_IMAGE, reuse_prewarmed=True).execute(make_context())
+
+    assert result["task_id"] == "pw-1" and api.creates == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_age": 3600}, "max_age only applies with reuse_prewarmed"),
+        ({"reuse_prewarmed": True, "image": "not an image!"}, "needs an image reference"),
+        ({"reuse_prewarmed": True, "image": "team/llama@sha256:short"}, "needs an image reference"),
+        ({"reuse_prewarmed": True, "max_age": 0}, "max_age must be a positive number"),
+    ],
+)
+def test_bad_reuse_input_is_refused_when_the_dag_is_parsed(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(PPIOInvalidInputError, match=message):
+        create_op(**kwargs)
+
+
+def test_a_templated_bad_image_is_refused_before_any_request(
+    requests_mock: rm.Mocker, ppio_conn: str, clock: Clock
+) -> None:
+    op = create_op(reuse_prewarmed=True, image="{{ params.image }}")
+    op.image = "Not A Reference"  # what the template rendered to
+
+    with pytest.raises(PPIOInvalidInputError, match="needs an image reference"):
+        op.execute(make_context())
+    assert requests_mock.call_count == 0
