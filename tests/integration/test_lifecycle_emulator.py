@@ -26,7 +26,7 @@ from airflow_provider_ppio.operators.prewarm import (
 from airflow_provider_ppio.testing.server import EmulatorServer
 from tests.unit.test_lifecycle_operators import Crash, FakeTI, StateStore, make_context, needs_durable_state
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 IMAGE = "registry.example.com/acme/llm-server:1.4"
 TASKS = "/gpus/v2/prewarm-tasks"

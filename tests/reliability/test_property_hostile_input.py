@@ -27,6 +27,9 @@ from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidIn
 from airflow_provider_ppio.hooks._shared import interpret_response
 from airflow_provider_ppio.models import Outcome, PrewarmTask
 
+# These tests wait on real time (hypothesis sends many real requests): a regression must fail fast, not hang.
+pytestmark = pytest.mark.timeout(120)
+
 PREFIX = "/gpus/v2/prewarm-tasks/"
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None

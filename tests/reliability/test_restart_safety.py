@@ -26,6 +26,9 @@ from restart_worker import MARK, poke_once
 
 from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
 
+# These tests wait on real time (restarts real processes): a regression must fail fast, not hang.
+pytestmark = pytest.mark.timeout(90)
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "restart_worker.py"
 DAG_FILE = HERE / "dags" / "reliability_reschedule_gate.py"

@@ -23,6 +23,9 @@ from matrix import API_KEY, TASK_ID, TASK_PATH, task_body
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOError
 
+# These tests wait on real time (real waits with short deadlines): a regression must fail fast, not hang.
+pytestmark = pytest.mark.timeout(60)
+
 #: Any piece of the key this long is a leak (a truncated message must not keep half of it).
 PIECE = 8
 

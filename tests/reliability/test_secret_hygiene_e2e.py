@@ -25,7 +25,7 @@ dagtest_runner = pytest.importorskip("dagtest_runner", reason="the e2e runner (t
 
 DAG_ID = "reliability_secret_hygiene"
 TASK_PATH = "/gpus/v2/prewarm-tasks/"
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,9 @@ from airflow_provider_ppio.sensors.prewarm import PrewarmTaskSensor
 from airflow_provider_ppio.testing.server import EmulatorServer
 from airflow_provider_ppio.triggers.prewarm import DEFERRAL_TIMEOUT_GRACE, PrewarmTaskTrigger
 
+# These tests wait on real time (real triggers and pokes with short deadlines): a regression must fail fast, not hang.
+pytestmark = pytest.mark.timeout(60)
+
 TASK_PATH = "/gpus/v2/prewarm-tasks/"
 
 
