@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import datetime
 import hashlib
+import json
 import random
 import re
 import time
@@ -18,6 +20,7 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
+from airflow_provider_ppio.assets import attach_prewarm_asset_events
 from airflow_provider_ppio.exceptions import (
     PPIOBadResponseError,
     PPIOError,
@@ -582,9 +585,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 task.image_size,
             )
             if self.wait_for_completion and self.outlets:
-                # Asset classes differ between Airflow lines; only needed when there are outlets.
-                from airflow_provider_ppio.assets import attach_prewarm_asset_events
-
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
         self._result = details
         return details
@@ -760,8 +760,6 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
 
     :param value: What ``prewarm_task_ids`` rendered to.
     """
-    import ast  # stdlib and cheap; here so that only this function's block of the module changed
-    import json
 
     max_length = 255  # the hook's limit (prewarm_task_path), checked before anything is sent
     how = (

@@ -18,6 +18,7 @@ from airflow.providers.common.compat.sdk import (
     conf,
 )
 
+from airflow_provider_ppio.assets import attach_prewarm_asset_events
 from airflow_provider_ppio.exceptions import PPIOError, PPIOPrewarmFailedError
 
 try:
@@ -212,9 +213,6 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             )
             details = task.to_xcom()
             if context is not None and self.outlets:
-                # Asset classes differ between Airflow lines; only needed when there are outlets.
-                from airflow_provider_ppio.assets import attach_prewarm_asset_events
-
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
             return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
