@@ -143,137 +143,6 @@ class PPIOHook(BaseHook):
             )
         return settings
 
-    def _key_rotated(self) -> bool:
-        """After a 401: read the connection again; True (and new settings) if its key changed."""
-        old = self.settings
-        conn = self.get_connection(self.ppio_conn_id)
-        new = self._build_settings(conn.host, conn.password, conn.extra_dejson)
-        if new.api_key == old.api_key:
-            return False
-        mask_secret(new.api_key)
-        self.__dict__["settings"] = new
-        self.__dict__.pop("session", None)
-        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
-        return True
-
-    async def _akey_rotated(self) -> bool:
-        """Async :meth:`_key_rotated`."""
-        old = await self.aget_settings()
-        self._async_settings = None
-        new = await self.aget_settings()
-        if new.api_key == old.api_key:
-            return False
-        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
-        return True
-
-    # -- calls -------------------------------------------------------------------------------------
-
-    @cached_property
-    def session(self) -> requests.Session:
-        """One keep-alive ``requests.Session`` per hook (TLS and proxy from :attr:`settings`)."""
-        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
-        from airflow_provider_ppio.hooks import _sync
-
-        return _sync.new_session(self.settings)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        json: Any = None,
-        idempotent: bool = True,
-        allow_empty: bool = False,
-        patience: Patience | None = None,
-        settings: ClientSettings | None = None,
-    ) -> Any:
-        """
-        Call the API with the shared retry policy and return the decoded JSON body.
-
-        A 401 makes the hook read its connection again: a key rotated meanwhile is used at once.
-
-        :param method: HTTP method.
-        :param path: API path starting with ``/``, e.g. ``/gpus/v2/prewarm-tasks``.
-        :param params: Query parameters.
-        :param json: JSON body, if any.
-        :param idempotent: False for calls that must not run twice; see ``is_retryable``.
-        :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
-        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
-        :param settings: Use these instead of the connection's (e.g. fewer attempts).
-        """
-        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
-        from tenacity import Retrying
-
-        from airflow_provider_ppio.hooks import _sync
-        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
-
-        api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
-        for rotation in (False, True):
-            current = settings or self.settings
-            what = f"{method} {path}"
-            policy = retry_arguments(current, what=what, log=self.log, idempotent=idempotent, patience=patience)
-            try:
-                for attempt in Retrying(**policy):
-                    with attempt:
-                        return _sync.send(
-                            self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
-                        )
-            except PPIOAuthError as err:
-                if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
-                    raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
-        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
-
-    async def arequest(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        json: Any = None,
-        idempotent: bool = True,
-        allow_empty: bool = False,
-        patience: Patience | None = None,
-    ) -> Any:
-        """
-        The async twin of :meth:`request`: same URL rules, retry policy, key rotation and errors.
-
-        Requests go through the process-wide shared ``aiohttp`` session for the TLS and proxy setting.
-
-        :param method: HTTP method.
-        :param path: API path starting with ``/``.
-        :param params: Query parameters.
-        :param json: JSON body, if any.
-        :param idempotent: False for calls that must not run twice.
-        :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
-        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
-        """
-        from tenacity import AsyncRetrying
-
-        from airflow_provider_ppio.hooks import _async
-        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
-
-        api_url(await self.aget_settings(), path)
-        for rotation in (False, True):
-            settings = await self.aget_settings()
-            what = f"{method} {path}"
-            policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
-            try:
-                async with _async.SHARED_SESSIONS.lease(settings) as session:
-                    async for attempt in AsyncRetrying(**policy):
-                        with attempt:
-                            return await _async.send(
-                                session, settings, method, path, params=params, json=json, allow_empty=allow_empty
-                            )
-            except PPIOAuthError as err:
-                if rotation or err.http_status != 401 or not await self._akey_rotated():
-                    raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
-        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
-
     # -- API calls ---------------------------------------------------------------------------------
 
     def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
@@ -435,6 +304,139 @@ class PPIOHook(BaseHook):
         except PPIOError as err:
             return False, str(err)
         return True, f"Connected to the PPIO API at {settings.base_url}; the API key was accepted"
+
+    # -- the generic call, sync and async: every method above goes through it ---------------------------
+
+    @cached_property
+    def session(self) -> requests.Session:
+        """One keep-alive ``requests.Session`` per hook (TLS and proxy from :attr:`settings`)."""
+        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
+        from airflow_provider_ppio.hooks import _sync
+
+        return _sync.new_session(self.settings)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        idempotent: bool = True,
+        allow_empty: bool = False,
+        patience: Patience | None = None,
+        settings: ClientSettings | None = None,
+    ) -> Any:
+        """
+        Call the API with the shared retry policy and return the decoded JSON body.
+
+        A 401 makes the hook read its connection again: a key rotated meanwhile is used at once.
+
+        :param method: HTTP method.
+        :param path: API path starting with ``/``, e.g. ``/gpus/v2/prewarm-tasks``.
+        :param params: Query parameters.
+        :param json: JSON body, if any.
+        :param idempotent: False for calls that must not run twice; see ``is_retryable``.
+        :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
+        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
+        :param settings: Use these instead of the connection's (e.g. fewer attempts).
+        """
+        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
+        from tenacity import Retrying
+
+        from airflow_provider_ppio.hooks import _sync
+        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
+
+        api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
+        for rotation in (False, True):
+            current = settings or self.settings
+            what = f"{method} {path}"
+            policy = retry_arguments(current, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            try:
+                for attempt in Retrying(**policy):
+                    with attempt:
+                        return _sync.send(
+                            self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
+                        )
+            except PPIOAuthError as err:
+                if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
+                    raise
+            except PPIOError as err:
+                raise err if patience is None else gave_up(err, patience, what) from None
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    async def arequest(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        idempotent: bool = True,
+        allow_empty: bool = False,
+        patience: Patience | None = None,
+    ) -> Any:
+        """
+        The async twin of :meth:`request`: same URL rules, retry policy, key rotation and errors.
+
+        Requests go through the process-wide shared ``aiohttp`` session for the TLS and proxy setting.
+
+        :param method: HTTP method.
+        :param path: API path starting with ``/``.
+        :param params: Query parameters.
+        :param json: JSON body, if any.
+        :param idempotent: False for calls that must not run twice.
+        :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
+        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
+        """
+        from tenacity import AsyncRetrying
+
+        from airflow_provider_ppio.hooks import _async
+        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
+
+        api_url(await self.aget_settings(), path)
+        for rotation in (False, True):
+            settings = await self.aget_settings()
+            what = f"{method} {path}"
+            policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            try:
+                async with _async.SHARED_SESSIONS.lease(settings) as session:
+                    async for attempt in AsyncRetrying(**policy):
+                        with attempt:
+                            return await _async.send(
+                                session, settings, method, path, params=params, json=json, allow_empty=allow_empty
+                            )
+            except PPIOAuthError as err:
+                if rotation or err.http_status != 401 or not await self._akey_rotated():
+                    raise
+            except PPIOError as err:
+                raise err if patience is None else gave_up(err, patience, what) from None
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    # -- key rotation ------------------------------------------------------------------------------
+
+    def _key_rotated(self) -> bool:
+        """After a 401: read the connection again; True (and new settings) if its key changed."""
+        old = self.settings
+        conn = self.get_connection(self.ppio_conn_id)
+        new = self._build_settings(conn.host, conn.password, conn.extra_dejson)
+        if new.api_key == old.api_key:
+            return False
+        mask_secret(new.api_key)
+        self.__dict__["settings"] = new
+        self.__dict__.pop("session", None)
+        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
+        return True
+
+    async def _akey_rotated(self) -> bool:
+        """Async :meth:`_key_rotated`."""
+        old = await self.aget_settings()
+        self._async_settings = None
+        new = await self.aget_settings()
+        if new.api_key == old.api_key:
+            return False
+        self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
+        return True
 
 
 class PPIOHookMixin:
