@@ -11,6 +11,19 @@ The whole prewarm lifecycle: prewarm one image in several regions at once, deplo
 A second DAG, ``example_ppio_deploy_on_prewarm_asset``, is scheduled on the asset of one region: it runs
 whenever the image has been prewarmed there, and reads the details from the asset event.
 
+**More regions than the quota.** A PPIO account runs at most 5 prewarm tasks at once (the default quota),
+and ``REGIONS`` lists 8. When all 8 mapped tasks start together, 5 creates are accepted and 3 are refused
+with ``PREWARM_TASK_QUOTA_EXCEEDED``. Those 3 do not fail: the create operator's ``wait_for_quota`` (on by
+default) waits for a free slot, first about ``poke_interval`` then doubling, with jitter, up to 4 times it,
+and creates then, all within ``timeout``. In deferrable mode the waits are deferred to the triggerer and hold
+no worker slot. Each refused create is logged as a warning ("The account's prewarm quota is used up...").
+The run takes about two prewarm durations, as if Airflow had queued the regions itself.
+
+* Fail fast instead: ``wait_for_quota=False`` in ``partial(...)`` (the refused tasks then fail with
+  ``PPIOQuotaExceededError``, and their ``retries`` apply).
+* Or keep the refusals from happening at all: give the tasks an Airflow pool sized to the quota,
+  ``pool="ppio_prewarm"`` (see docs/lifecycle.md, "Fan-out within the quota").
+
 The ``ppio_default`` connection holds the API key (password) and, optionally, the base URL (host).
 """
 
@@ -25,7 +38,8 @@ from airflow_provider_ppio.assets import prewarm_asset
 from airflow_provider_ppio.operators.prewarm import PPIOCreatePrewarmTaskOperator, PPIODeletePrewarmTasksOperator
 
 IMAGE = "registry.example.com/acme/llm-server:1.4"
-REGIONS = ["region-a", "region-b", "region-c"]
+#: Eight regions: more than the account's default quota of 5 concurrent prewarms (see the docstring).
+REGIONS = [f"region-{letter}" for letter in "abcdefgh"]
 #: Each mapped prewarm task emits the asset of its own region through this alias.
 PREWARMED = AssetAlias(name="ppio-prewarm")
 
@@ -42,7 +56,7 @@ with DAG(
         task_id="prewarm",
         image="{{ params.image }}",
         note="example_ppio_multi_region",
-        poke_interval=5,
+        poke_interval=5,  # also the first wait for a free quota slot (wait_for_quota is on by default)
         timeout=datetime.timedelta(hours=2),
         retries=2,
         outlets=[PREWARMED],

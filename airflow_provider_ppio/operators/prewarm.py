@@ -118,7 +118,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     With ``reuse_prewarmed=True`` no prewarm is started when the same image is already prewarmed in
     the region (a succeeded task for exactly this image reference): a digest-pinned reference
     (``...@sha256:...``) always matches, a tag only when that task completed within ``max_age``
-    (a tag can move). The operator then returns that task's details with ``"reused": true``.
+    (a tag can move). The operator then returns that task's details with ``"reused": true`` and
+    pushes no ``prewarm_task_id``, so a teardown does not delete a prewarm this task did not start.
 
     Waiting uses the same decision as :class:`~airflow_provider_ppio.sensors.prewarm.PrewarmTaskSensor`:
     ``succeeded`` ends it, ``failed`` raises ``PPIOPrewarmFailedError`` with the API's error, anything
@@ -265,12 +266,12 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
 
         :param context: The task context.
         """
-        if self.reuse_prewarmed:
-            warm = self._find_prewarmed()
-            if warm is not None:
-                return warm
         marker = idempotency_marker(context)
         while True:
+            # Looked for before every attempt: another run may have prewarmed the image while this one waited.
+            warm = self._find_prewarmed() if self.reuse_prewarmed else None
+            if warm is not None:
+                return warm
             try:
                 return self._create(marker)
             except PPIOQuotaExceededError as err:
@@ -449,7 +450,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         wait = min(self.poke_interval * 2**self._quota_attempt, cap) * random.uniform(*_QUOTA_JITTER)
         self._quota_attempt += 1
         waited = now - self._quota_since
-        if self._deadline is not None and now + wait > self._deadline:
+        if self._deadline is not None:
+            wait = min(wait, self._deadline - now)  # a last try right at the deadline
+        if wait <= 0:
             raise AirflowFailException(
                 f"No free prewarm slot for {self.image!r} in region {self.region_id!r} within the timeout "
                 f"({waited:.0f}s waited, {self._quota_attempt} creates refused): {err}"
@@ -545,7 +548,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         return task
 
     def _push_id(self, task_id: str, context: Context) -> None:
-        if not self._pushed_id:
+        # A reused prewarm is not this task's: the id a teardown deletes is only pushed for one it started.
+        if not self._pushed_id and not self._reused:
             context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=task_id)
             self._pushed_id = True
 

@@ -64,6 +64,11 @@ def add_control_routes(app: FastAPI, store: EmulatorStore) -> None:
         control(request)
         return {"data": store.requests()}
 
+    @app.get(CONTROL_PREFIX + "/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        control(request)
+        return store.stats()
+
     @app.get(CONTROL_PREFIX + "/tasks")
     async def all_tasks(request: Request) -> dict[str, Any]:
         control(request)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from starlette.types import Message, Receive, Scope, Send
 
 from airflow_provider_ppio.testing.config import MIB
@@ -38,6 +38,7 @@ FaultKind = Literal[
     "body",
     "drop",
     "trickle",
+    "barrier",
 ]
 
 #: Answers a request normally (auth check included); a fault may call it before or around its mischief.
@@ -62,6 +63,12 @@ class FaultSpec(ControlModel):
     interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 1.0
     when: Literal["before_response", "mid_body"] = "before_response"
 
+    @model_validator(mode="after")
+    def _barrier_needs_parties(self) -> FaultSpec:
+        if self.kind == "barrier" and (self.count is None or self.count < 2):
+            raise ValueError("a barrier needs count >= 2: the number of requests to hold until all have arrived")
+        return self
+
 
 @dataclasses.dataclass
 class Fault:
@@ -75,6 +82,12 @@ class Fault:
     fault_id: int
     spec: FaultSpec
     remaining: int | None
+    #: ``barrier``: matching requests taken so far (see :meth:`arrive`).
+    arrived: int = 0
+
+    def arrive(self) -> None:
+        """Count one request taken by this fault (called under the store's lock)."""
+        self.arrived += 1
 
     def matches(self, method: str, path: str) -> bool:
         """Whether a request is affected.
@@ -94,6 +107,8 @@ class Fault:
         """
         data = self.spec.model_dump(mode="json", exclude_defaults=True)
         data.update(id=self.fault_id, kind=self.spec.kind, remaining=self.remaining)
+        if self.spec.kind == "barrier":
+            data["arrived"] = self.arrived
         return data
 
 
@@ -107,18 +122,22 @@ _MALFORMED_JSON = b'{"task_id": "pwt-000000000000", "status": {"status": "runn'
 
 
 async def play_fault(
-    spec: FaultSpec, scope: Scope, receive: Receive, send: Send, serve: Serve, closing: threading.Event
+    fault: Fault, scope: Scope, receive: Receive, send: Send, serve: Serve, closing: threading.Event
 ) -> None:
     """Answer a request hit by a fault.
 
-    :param spec: the fault.
+    :param fault: the fault (``barrier`` reads how many requests it has taken).
     :param scope: ASGI scope.
     :param receive: ASGI receive.
     :param send: ASGI send.
-    :param serve: answers the request normally (``latency`` and ``trickle`` use it).
+    :param serve: answers the request normally (``latency``, ``trickle`` and ``barrier`` use it).
     :param closing: set while the server shuts down; slow faults stop early.
     """
-    if spec.kind == "latency":
+    spec = fault.spec
+    if spec.kind == "barrier":
+        await _barrier(fault, closing)
+        await serve(scope, receive, send)
+    elif spec.kind == "latency":
         await pause(spec.seconds, closing)
         await serve(scope, receive, send)
     elif spec.kind == "trickle":
@@ -140,6 +159,14 @@ async def pause(seconds: float, closing: threading.Event, interrupt: asyncio.Eve
         if left <= 0:
             return
         await asyncio.sleep(min(left, 0.05))
+
+
+async def _barrier(fault: Fault, closing: threading.Event) -> None:
+    """Hold a request until the barrier's ``count`` requests have all arrived (or ``seconds`` passed, if > 0)."""
+    parties = fault.spec.count or 0
+    deadline = time.monotonic() + fault.spec.seconds if fault.spec.seconds > 0 else math.inf
+    while fault.arrived < parties and not closing.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 def response_headers(

@@ -63,6 +63,7 @@ class ApiGate:
         method: str = scope["method"]
         fault = self.store.take_fault(method, path)
         status: list[int] = []
+        answer = bytearray()  # the body of an error answer, to log its reason
         logged = False
 
         def write_log() -> None:
@@ -84,6 +85,7 @@ class ApiGate:
                     "user_agent": headers.get("user-agent"),
                     "json": _maybe_json(bytes(body)),
                     "status": status[0] if status else None,
+                    "reason": _error_reason(bytes(answer)) if status and status[0] >= 400 else None,
                     "fault": fault.spec.kind if fault is not None else None,
                 }
             )
@@ -91,8 +93,11 @@ class ApiGate:
         async def logging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                write_log()  # before the client can see the end of the response
+            elif message["type"] == "http.response.body":
+                if status and status[0] >= 400 and len(answer) < _REASON_BODY_LIMIT:
+                    answer.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    write_log()  # before the client can see the end of the response
             await send(message)
 
         try:
@@ -115,7 +120,7 @@ class ApiGate:
         if fault is None:
             await serve(scope, receive, send)
         else:
-            await play_fault(fault.spec, scope, receive, send, serve, self.store.closing)
+            await play_fault(fault, scope, receive, send, serve, self.store.closing)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, auth: str | None, auth_valid: bool) -> None:
         if not auth_valid:
@@ -129,6 +134,17 @@ class ApiGate:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+#: Error bodies longer than this are not read for their reason (the emulator's own are tiny).
+_REASON_BODY_LIMIT = 64 * 1024
+
+
+def _error_reason(raw: bytes) -> str | None:
+    """The ``reason`` of an error body, e.g. ``PREWARM_TASK_QUOTA_EXCEEDED``; None if it has none."""
+    data = _maybe_json(raw[:_REASON_BODY_LIMIT])
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _maybe_json(raw: bytes) -> Any:

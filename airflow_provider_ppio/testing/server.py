@@ -198,7 +198,7 @@ class EmulatorControl:
         """Make the next ``count`` matching API requests misbehave.
 
         :param kind: status, rate_limit, latency, malformed_json, html, empty_body, json_array,
-            huge_body, body, drop or trickle.
+            huge_body, body, drop, trickle or barrier.
         :param count: how many matching requests to affect; ``None`` = until cleared or reset.
         :param method: only requests with this HTTP method.
         :param path_prefix: only requests whose path starts with this.
@@ -228,9 +228,22 @@ class EmulatorControl:
         """The API requests received so far (never the API key).
 
         :return: entries with ``method``, ``path``, ``query``, ``auth_present``, ``auth_valid``,
-            ``status``, ``fault``, ``json``, ``content_type``, ``user_agent``, ``time``, ``seq``.
+            ``status``, ``reason`` (of an error answer, e.g. ``PREWARM_TASK_QUOTA_EXCEEDED``; None
+            for a success), ``fault``, ``json``, ``content_type``, ``user_agent``, ``time``, ``seq``.
         """
         result: list[dict[str, Any]] = self._call("GET", "/requests")["data"]
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """Quota statistics since the emulator started or was last reset.
+
+        :return: ``active`` (pending or running now), ``peak_active`` (the most pending or running
+            at one instant, exact, worked out from the task timelines), ``peak_at`` (emulator time
+            it was first reached, None if never), ``creates`` (accepted API creates),
+            ``refused_creates`` (creates refused with ``PREWARM_TASK_QUOTA_EXCEEDED``), ``quota``,
+            ``since`` and ``now`` (emulator times).
+        """
+        result: dict[str, Any] = self._call("GET", "/stats")
         return result
 
     def advance_clock(self, seconds: float) -> float:

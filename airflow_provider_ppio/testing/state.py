@@ -3,7 +3,7 @@
 A task's state is never stored as such: it is worked out from the clock on every read, from the
 timeline of phases fixed when the task was created (or seeded, or forced by the control API).
 The store also holds what the other concerns need to share safely across threads: the queued
-faults, the request log and the clock offset.
+faults, the request log, the clock offset and the quota statistics (:meth:`EmulatorStore.stats`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,44 @@ def _node_count(image: str) -> int:
     return 2 + int(hashlib.sha256(image.encode("utf-8", "surrogatepass")).hexdigest()[:2], 16) % 5
 
 
+def _active_spans(task: _Task, until: float) -> list[tuple[float, float]]:
+    """The time spans, up to ``until``, in which a task's timeline holds it pending or running.
+
+    The last phase lasts forever, whatever its ``seconds`` (as in :meth:`EmulatorStore._current`).
+    """
+    spans: list[tuple[float, float]] = []
+    start = task.anchor
+    last = len(task.phases) - 1
+    for index, phase in enumerate(task.phases):
+        if start >= until:
+            break
+        forever = phase.seconds is None or index == last
+        end = math.inf if forever else start + (phase.seconds or 0.0)
+        if phase.state in ACTIVE_STATES and end > start:
+            spans.append((start, min(end, until)))
+        if forever:
+            break
+        start = end
+    return spans
+
+
+def _peak(spans: Iterable[tuple[float, float]]) -> tuple[int, float | None]:
+    """The most spans open at one instant (half-open spans: one ending as another starts do not overlap).
+
+    :param spans: ``(start, end)`` pairs.
+    :return: the peak and the first time it was reached (None when there are no spans).
+    """
+    events = sorted(
+        [(start, 1) for start, end in spans if end > start] + [(end, -1) for start, end in spans if end > start]
+    )
+    peak, at, open_now = 0, None, 0
+    for when, delta in events:  # at equal times -1 sorts before +1: ends are processed first
+        open_now += delta
+        if open_now > peak:
+            peak, at = open_now, when
+    return peak, at
+
+
 def encode_cursor(task: _Task) -> str:
     """The ``next_cursor`` pointing after a task: base64url JSON of its id and sequence number.
 
@@ -136,6 +174,11 @@ class EmulatorStore:
         self._fault_seq = 0
         self._log_seq = 0
         self._offset = 0.0
+        # Quota statistics since the last reset (see stats()).
+        self._since = self.now()
+        self._closed_spans: list[tuple[float, float]] = []
+        self._creates = 0
+        self._refused_creates = 0
         #: Set while the server shuts down; long faults (latency, trickle) stop early.
         self.closing = threading.Event()
 
@@ -221,8 +264,14 @@ class EmulatorStore:
                 return task_id
 
     def _insert(self, task: _Task) -> None:
-        self._tasks.pop(task.task_id, None)
+        replaced = self._tasks.pop(task.task_id, None)
+        if replaced is not None:
+            self._close_spans(replaced, task.anchor)
         self._tasks[task.task_id] = task
+
+    def _close_spans(self, task: _Task, now: float) -> None:
+        """Keep, for :meth:`stats`, when a task that is deleted or re-timed now was active so far."""
+        self._closed_spans.extend(_active_spans(task, now))
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -244,6 +293,7 @@ class EmulatorStore:
             if quota is not None:
                 active = sum(1 for t in self._tasks.values() if self._state(t, now) in ACTIVE_STATES)
                 if active >= quota:
+                    self._refused_creates += 1
                     raise bad_request(
                         f"prewarm task quota exceeded: at most {quota} concurrent (pending or running) "
                         "prewarm tasks per account; wait for one to finish or delete one",
@@ -271,6 +321,7 @@ class EmulatorStore:
                 ],
             )
             self._insert(task)
+            self._creates += 1
             return {"task_id": task.task_id}
 
     def get_task(self, task_id: str) -> dict[str, Any]:
@@ -327,7 +378,14 @@ class EmulatorStore:
         :return: the ids that existed and were deleted.
         """
         with self._lock:
-            return [tid for tid in task_ids if self._tasks.pop(tid, None) is not None]
+            now = self.now()
+            deleted = []
+            for tid in task_ids:
+                task = self._tasks.pop(tid, None)
+                if task is not None:
+                    self._close_spans(task, now)
+                    deleted.append(tid)
+            return deleted
 
     # ---- control operations -------------------------------------------------------------------
 
@@ -385,6 +443,7 @@ class EmulatorStore:
             if task is None:
                 raise ApiError(404, "PREWARM_TASK_NOT_FOUND", f"prewarm task {task_id!r} not found")
             now = self.now()
+            self._close_spans(task, now)
             task.anchor = now
             task.phases = self._phases(body.state, body.error, body.message, body.reason, body.timeline)
             task.completed_at = body.completed_at
@@ -421,6 +480,7 @@ class EmulatorStore:
         with self._lock:
             for fault in self._faults:
                 if fault.matches(method, path):
+                    fault.arrive()
                     if fault.remaining is not None:
                         fault.remaining -= 1
                         if fault.remaining <= 0:
@@ -493,6 +553,36 @@ class EmulatorStore:
             self._log.clear()
             self._offset = 0.0
             self.config = dataclasses.replace(self._initial)
+            self._since = self.now()
+            self._closed_spans.clear()
+            self._creates = 0
+            self._refused_creates = 0
+
+    def stats(self) -> dict[str, Any]:
+        """Quota statistics since the start or the last :meth:`reset`.
+
+        ``peak_active`` is the most tasks that were pending or running at one instant, worked out
+        from every task's timeline (deleted and re-timed tasks included, up to when they changed),
+        so it is exact however rarely the tasks were read. Tasks seeded through the control API
+        count as active too; only API creates count in ``creates`` and ``refused_creates``.
+
+        :return: ``{"active", "peak_active", "peak_at", "creates", "refused_creates", "quota",
+            "since", "now"}``.
+        """
+        with self._lock:
+            now = self.now()
+            current = [span for task in self._tasks.values() for span in _active_spans(task, now)]
+            peak, peak_at = _peak(self._closed_spans + current)
+            return {
+                "active": sum(1 for t in self._tasks.values() if self._state(t, now) in ACTIVE_STATES),
+                "peak_active": peak,
+                "peak_at": peak_at,
+                "creates": self._creates,
+                "refused_creates": self._refused_creates,
+                "quota": self.config.quota,
+                "since": self._since,
+                "now": now,
+            }
 
     def task_count(self) -> int:
         """Number of stored tasks.

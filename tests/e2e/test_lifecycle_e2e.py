@@ -37,7 +37,9 @@ from airflow_provider_ppio.assets import prewarm_asset_uri
 
 DAG_ID = "example_ppio_multi_region"
 IMAGE = "registry.example.com/acme/llm-server:1.4"
-REGIONS = ["region-a", "region-b", "region-c"]
+#: The example's regions: eight, more than the emulator's quota of 5 (``dags test`` runs them one by one here;
+#: tests/e2e/test_quota_fanout_e2e.py runs them at once).
+REGIONS = [f"region-{letter}" for letter in "abcdefgh"]
 TASKS = "/gpus/v2/prewarm-tasks"
 AF3 = Version(AIRFLOW_VERSION).major >= 3
 AF33 = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3")

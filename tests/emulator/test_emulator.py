@@ -361,6 +361,97 @@ def test_quota_holds_under_concurrent_creates(ppio_emulator: EmulatorServer) -> 
     assert sorted(statuses) == [200] * 5 + [400] * 15
 
 
+def test_each_refused_create_is_logged_with_its_reason_and_counted(fake: tuple[EmulatorServer, FakeClock]) -> None:
+    emu, clock = fake
+    for i in range(5):
+        create(emu, f"img:{i}")
+    for _ in range(3):
+        assert call(emu, "POST", json=VALID).status_code == 400
+    call(emu, "POST", json={"image": "", "region_id": "region-a"})  # a 400 for another reason
+    clock.advance(10)  # all five finished: the next create is accepted
+    create(emu, "img:late")
+
+    posts = [(e["status"], e["reason"]) for e in emu.control.requests_log() if e["method"] == "POST"]
+    assert posts == [(200, None)] * 5 + [(400, "PREWARM_TASK_QUOTA_EXCEEDED")] * 3 + [
+        (400, "INVALID_ARGUMENT"),
+        (200, None),
+    ]
+    stats = emu.control.stats()
+    assert (stats["creates"], stats["refused_creates"], stats["quota"]) == (6, 3, 5)
+    assert (stats["active"], stats["peak_active"]) == (1, 5)
+
+
+def test_peak_active_is_exact_from_the_timelines(fake: tuple[EmulatorServer, FakeClock]) -> None:
+    emu, clock = fake  # pending 1 s + running 3 s: a task is active for 4 s
+    start = emu.control.stats()["now"]
+    assert emu.control.stats()["peak_active"] == 0
+    first = [create(emu, f"a:{i}") for i in range(3)]
+    clock.advance(2)
+    create(emu, "b:0")  # 4 active now
+    clock.advance(2)  # the first three end exactly now; ends come before starts at the same instant
+    create(emu, "c:0")
+    create(emu, "c:1")
+    clock.advance(100)  # nobody read any task meanwhile: the peak comes from the timelines
+    stats = emu.control.stats()
+    assert (stats["peak_active"], stats["peak_at"], stats["active"]) == (4, start + 2, 0)
+
+    # deleted tasks keep counting for the time they were active; re-timed tasks too
+    emu.control.reset()
+    tasks = [create(emu, f"d:{i}") for i in range(3)]
+    clock.advance(1)
+    emu.control.seed_task(state="running")  # seeded tasks count as active
+    clock.advance(0.5)
+    assert call(emu, "DELETE", json={"task_ids": tasks}).status_code == 200
+    emu.control.set_state(emu.control.tasks()[0]["task_id"], "succeeded")
+    clock.advance(1)
+    emu.control.seed_task(timeline=[{"state": "succeeded", "seconds": 1}, {"state": "running"}])
+    clock.advance(5)  # becomes active 1 s after seeding, although nothing read it
+    stats = emu.control.stats()
+    assert (stats["peak_active"], stats["active"], stats["creates"]) == (4, 1, 3)
+    assert first  # the first round's ids are gone after the reset
+    emu.control.reset()
+    assert emu.control.stats()["peak_active"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_barrier_holds_requests_until_all_have_arrived(ppio_emulator_factory: Factory) -> None:
+    emu = ppio_emulator_factory()  # own server: held requests must not leak into another test
+    emu.control.inject_fault("barrier", count=3, method="GET", path_prefix=PATH)
+    answered: list[float] = []
+    lock = threading.Lock()
+
+    def reader() -> None:
+        assert call(emu, "GET").status_code == 200
+        with lock:
+            answered.append(time.monotonic())
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while emu.control.faults()[0]["arrived"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert emu.control.faults()[0]["arrived"] == 2  # a test can see who has arrived
+    time.sleep(0.3)
+    assert answered == []  # two arrived, both held
+    assert call(emu, "POST", json=VALID).status_code == 200  # other requests pass
+    third = time.monotonic()
+    reader()  # the third releases all three
+    for thread in threads:
+        thread.join(5)
+    assert len(answered) == 3 and min(answered) >= third
+    assert emu.control.faults() == []
+    assert call(emu, "GET").status_code == 200  # used up: later requests are not held
+
+    # with seconds, held requests go on when the time is up even if the others never come
+    emu.control.inject_fault("barrier", count=2, seconds=0.3)
+    started = time.monotonic()
+    assert call(emu, "GET").status_code == 200
+    assert 0.3 <= time.monotonic() - started < 5
+    response = requests.post(f"{emu.base_url}/_emulator/faults", json={"kind": "barrier", "count": 1}, timeout=5)
+    assert_error(response, 400, "INVALID_ARGUMENT", "count >= 2")
+
+
 def test_unlimited_quota(ppio_emulator_factory: Factory) -> None:
     emu = ppio_emulator_factory(quota=None)
     for i in range(8):

@@ -867,7 +867,7 @@ def test_quota_waits_are_capped_and_end_with_the_timeout(api: FakeAPI, requests_
 
     assert not isinstance(info.value, PPIOQuotaExceededError)
     assert max(clock.sleeps) <= 40 * 1.2  # capped at 4x poke_interval: the API is never hammered, never starved
-    assert sum(clock.sleeps) <= 600
+    assert sum(clock.sleeps) == pytest.approx(600)  # the last create was tried right at the deadline
     assert len(seen) == len(clock.sleeps) + 1
     assert api.creates == 0
 
@@ -929,11 +929,26 @@ DIGEST_IMAGE = "registry.example.com/team/llama@sha256:" + "ab" * 32
 def test_a_digest_pinned_image_already_prewarmed_is_reused_whatever_its_age(api: FakeAPI, clock: Clock) -> None:
     api.add("pw-old", "succeeded", image=DIGEST_IMAGE, completed_at=1_000)
 
-    result = create_op(image=DIGEST_IMAGE, reuse_prewarmed=True).execute(make_context())
+    ti = FakeTI()
+    result = create_op(image=DIGEST_IMAGE, reuse_prewarmed=True).execute(make_context(ti))
 
     assert result["task_id"] == "pw-old"
     assert result["reused"] is True
     assert api.creates == 0
+    assert XCOM_PREWARM_TASK_ID not in ti.xcoms  # a teardown must not delete a prewarm this task did not start
+
+
+def test_a_warm_image_found_during_a_quota_wait_is_reused_instead_of_created(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock
+) -> None:
+    refuse_creates(api, requests_mock, refusals=100)
+    # While this task waits for a slot, another run finishes prewarming the same image.
+    clock.on_sleep = lambda: api.add("pw-other-run", "succeeded", image=DIGEST_IMAGE, completed_at=int(clock.now))
+
+    result = create_op(image=DIGEST_IMAGE, reuse_prewarmed=True).execute(make_context())
+
+    assert result["task_id"] == "pw-other-run" and result["reused"] is True
+    assert api.creates == 0 and len(clock.sleeps) == 1
 
 
 @pytest.mark.parametrize(("age", "reused"), [(60, True), (7200, False)])
