@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 
 from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
@@ -86,7 +87,7 @@ async def send(
     except TimeoutError:
         raise timeout_error(where, settings) from None
     except aiohttp.ClientPayloadError as err:
-        if "encoding" in str(err).lower():
+        if isinstance(err.__cause__, ContentEncodingError):  # not what its Content-Encoding says: not a network fault
             raise undecodable(where, response.headers, err) from None
         raise _transport_error(where, settings, err) from None
     except (aiohttp.ClientError, OSError) as err:

@@ -1,4 +1,7 @@
-"""``PrewarmTaskTrigger`` against the emulator over real HTTP, and the shared async client pool it polls through."""
+"""
+``PrewarmTaskTrigger`` over real HTTP (the emulator, or a scripted server on 127.0.0.1): its events, its
+patience with an API that gives no usable answer, its restart, and the shared session its polls go through.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +9,21 @@ import asyncio
 import importlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
+from aio_server import TASKS, ApiServer, api_server, hang, reply_json, task_body, warnings_in
+from aiohttp import web
 
-from airflow_provider_ppio.hooks._async_pool import SHARED_ASYNC_CLIENTS, AsyncClientPool
-from airflow_provider_ppio.hooks._shared import ClientSettings
+from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
 from airflow_provider_ppio.models import PrewarmTask
 from airflow_provider_ppio.testing.server import EmulatorServer
 from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
 
 API_KEY = "sk_test_DO_NOT_LEAK_7f3a9c"
-TASK_PATH = "/gpus/v2/prewarm-tasks/"
+TASK_PATH = TASKS + "/"
 
 
 @pytest.fixture
@@ -29,6 +31,13 @@ def emulator(ppio_emulator: EmulatorServer, set_conn: Callable[..., None]) -> Em
     """The emulator, with ``ppio_default`` pointing at it (fast retries)."""
     set_conn(host=ppio_emulator.base_url, password=ppio_emulator.api_key)
     return ppio_emulator
+
+
+@pytest.fixture
+def server() -> Iterator[ApiServer]:
+    """This test's own scripted API server."""
+    with api_server() as running:
+        yield running
 
 
 @pytest.fixture
@@ -47,10 +56,10 @@ def logged(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str])
 
 
 def make_trigger(
-    task_id: str = "pw-1", *, poke_interval: float = 0.02, timeout: float | None = 30.0
+    task_id: str = "pw-1", *, poke_interval: float = 0.02, timeout: float | None = 30.0, **kwargs: Any
 ) -> PrewarmTaskTrigger:
     deadline = None if timeout is None else time.time() + timeout
-    return PrewarmTaskTrigger(prewarm_task_id=task_id, poke_interval=poke_interval, deadline=deadline)
+    return PrewarmTaskTrigger(prewarm_task_id=task_id, poke_interval=poke_interval, deadline=deadline, **kwargs)
 
 
 async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
@@ -62,6 +71,20 @@ async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
         raise AssertionError("the trigger ended without an event")
     finally:
         await trigger.cleanup()
+
+
+async def timed_event(trigger: PrewarmTaskTrigger) -> tuple[dict[str, Any], float]:
+    """The trigger's first event and the Unix time it came."""
+    event = await first_event(trigger)
+    return event, time.time()
+
+
+async def watch_the_loop(stalls: list[float]) -> None:
+    """Record how late each 50 ms tick of the event loop comes (a busy machine stalls it)."""
+    while True:
+        started = time.monotonic()
+        await asyncio.sleep(0.05)
+        stalls.append(time.monotonic() - started - 0.05)
 
 
 def polls(emulator: EmulatorServer, task_id: str) -> list[dict[str, Any]]:
@@ -93,14 +116,22 @@ def airflow_roundtrip(trigger: PrewarmTaskTrigger) -> PrewarmTaskTrigger:
 
 
 def test_serialize_round_trips_through_airflow_serde_with_primitives_only() -> None:
-    trigger = PrewarmTaskTrigger(prewarm_task_id="pw/1 é", ppio_conn_id="ppio_eu", poke_interval=30, deadline=1.8e9)
+    trigger = PrewarmTaskTrigger(
+        prewarm_task_id="pw/1 é", ppio_conn_id="ppio_eu", poke_interval=30, deadline=1.8e9, unreachable_timeout=120
+    )
     classpath, kwargs = trigger.serialize()
 
     assert classpath == "airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger"
     assert json.loads(json.dumps(kwargs)) == kwargs  # JSON primitives only
     rebuilt = airflow_roundtrip(trigger)
     assert rebuilt.serialize() == (classpath, kwargs)
-    assert kwargs == {"prewarm_task_id": "pw/1 é", "ppio_conn_id": "ppio_eu", "poke_interval": 30.0, "deadline": 1.8e9}
+    assert kwargs == {
+        "prewarm_task_id": "pw/1 é",
+        "ppio_conn_id": "ppio_eu",
+        "poke_interval": 30.0,
+        "deadline": 1.8e9,
+        "unreachable_timeout": 120.0,
+    }
 
 
 def test_serialize_round_trips_through_base_serialization_without_deadline() -> None:
@@ -110,6 +141,7 @@ def test_serialize_round_trips_through_base_serialization_without_deadline() -> 
     classpath, kwargs = trigger.serialize()
     loaded = BaseSerialization.deserialize(json.loads(json.dumps(BaseSerialization.serialize(kwargs))))
     assert PrewarmTaskTrigger(**loaded).serialize() == (classpath, kwargs)
+    assert kwargs["unreachable_timeout"] is None  # the connection's setting applies
 
 
 @pytest.mark.parametrize(
@@ -123,6 +155,9 @@ def test_serialize_round_trips_through_base_serialization_without_deadline() -> 
         {"prewarm_task_id": "pw-1", "poke_interval": float("nan")},
         {"prewarm_task_id": "pw-1", "deadline": float("inf")},
         {"prewarm_task_id": "pw-1", "deadline": "tomorrow"},
+        {"prewarm_task_id": "pw-1", "unreachable_timeout": 0},
+        {"prewarm_task_id": "pw-1", "unreachable_timeout": float("nan")},
+        {"prewarm_task_id": "pw-1", "unreachable_timeout": True},
     ],
 )
 def test_bad_arguments_are_refused_when_the_trigger_is_built(kwargs: dict[str, Any]) -> None:
@@ -140,6 +175,7 @@ def test_the_api_key_is_in_neither_the_serialized_trigger_nor_its_repr(emulator:
 # -- events --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 async def test_success_event_carries_the_task_details(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(task_id="pw-1", state="running")
     waiting = asyncio.create_task(first_event(make_trigger()))
@@ -156,6 +192,7 @@ async def test_success_event_carries_the_task_details(emulator: EmulatorServer) 
     assert event["task"]["status"]["status"] == "succeeded"
 
 
+@pytest.mark.timeout(30)
 async def test_failed_event_carries_error_message_and_reasons(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(
         task_id="pw-1", state="failed", error="ImagePullFailed", message="manifest unknown", reason=["no such tag", " "]
@@ -170,6 +207,7 @@ async def test_failed_event_carries_error_message_and_reasons(emulator: Emulator
     assert event["task"]["status"] == {"status": "failed", "error": "ImagePullFailed", "message": "manifest unknown"}
 
 
+@pytest.mark.timeout(30)
 async def test_timeout_event_when_the_deadline_passes_while_running(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(task_id="pw-1", state="running")
 
@@ -180,6 +218,7 @@ async def test_timeout_event_when_the_deadline_passes_while_running(emulator: Em
     assert "pw-1" in event["message"]
 
 
+@pytest.mark.timeout(30)
 async def test_a_trigger_started_after_its_deadline_still_reports_a_finished_task(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(task_id="pw-1", state="succeeded")
 
@@ -188,6 +227,7 @@ async def test_a_trigger_started_after_its_deadline_still_reports_a_finished_tas
     assert event["status"] == "success"
 
 
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize(
     ("task_id", "api_key", "error_type", "http_status"),
     [
@@ -215,6 +255,7 @@ async def test_permanent_api_errors_end_the_wait_with_an_error_event(
     assert len(polls(emulator, task_id)) == 1  # not retried, not polled again
 
 
+@pytest.mark.timeout(30)
 async def test_missing_connection_is_an_error_event(emulator: EmulatorServer) -> None:
     trigger = PrewarmTaskTrigger(prewarm_task_id="pw-1", ppio_conn_id="ppio_nowhere", poke_interval=0.02)
 
@@ -224,9 +265,11 @@ async def test_missing_connection_is_an_error_event(emulator: EmulatorServer) ->
     assert "ppio_nowhere" in event["message"]
 
 
-async def test_unknown_status_keeps_waiting_and_is_logged_once(
-    emulator: EmulatorServer, logged: Callable[[], list[str]]
+@pytest.mark.timeout(30)
+async def test_unknown_status_keeps_waiting_with_one_warning(
+    emulator: EmulatorServer, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     emulator.control.seed_task(task_id="pw-1", state="queued_for_gpu")
 
     waiting = asyncio.create_task(first_event(make_trigger()))
@@ -236,10 +279,14 @@ async def test_unknown_status_keeps_waiting_and_is_logged_once(
     event = await waiting
 
     assert event["status"] == "success"
-    # Logged on change, not on every poll.
-    assert max(text.count("does not know ('queued_for_gpu')") for text in logged()) == 1
+    captured = capsys.readouterr()
+    unknown = [text for text in warnings_in(caplog.records, captured.out + captured.err) if "'queued_for_gpu'" in text]
+    # At WARNING level (a status this provider does not know), once: on change, not on every poll.
+    assert len(unknown) == 1
+    assert "does not know" in unknown[0]
 
 
+@pytest.mark.timeout(30)
 async def test_transient_errors_are_retried_then_the_wait_succeeds(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(task_id="pw-1", state="succeeded")
     emulator.control.inject_fault("status", status=503, count=2, path_prefix=TASK_PATH)
@@ -251,7 +298,8 @@ async def test_transient_errors_are_retried_then_the_wait_succeeds(emulator: Emu
     assert [entry["status"] for entry in polls(emulator, "pw-1")] == [503, 503, 429, 200]
 
 
-async def test_transient_errors_beyond_the_retries_keep_waiting_without_a_hot_loop(
+@pytest.mark.timeout(30)
+async def test_transient_errors_beyond_max_attempts_do_not_end_the_wait(
     emulator: EmulatorServer, set_conn: Callable[..., None]
 ) -> None:
     set_conn(host=emulator.base_url, password=emulator.api_key, extra={"max_attempts": 2})
@@ -260,24 +308,52 @@ async def test_transient_errors_beyond_the_retries_keep_waiting_without_a_hot_lo
 
     event = await first_event(make_trigger(poke_interval=0.05))
 
-    assert event["status"] == "success"  # 3 polls of 2 failed attempts each, then the answer
+    assert event["status"] == "success"  # a wait is bounded by unreachable_timeout, not by a call's attempts
     assert [entry["status"] for entry in polls(emulator, "pw-1")] == [502] * 6 + [200]
 
 
-async def test_an_api_that_keeps_failing_is_polled_at_poke_interval_until_the_deadline(
-    emulator: EmulatorServer, set_conn: Callable[..., None]
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("given_as", ["trigger argument", "connection extra"])
+async def test_an_api_failing_past_unreachable_timeout_ends_the_wait_with_an_error_event(
+    emulator: EmulatorServer, set_conn: Callable[..., None], given_as: str
 ) -> None:
-    set_conn(host=emulator.base_url, password=emulator.api_key, extra={"max_attempts": 1})
+    emulator.control.seed_task(task_id="pw-1", state="running")
+    emulator.control.inject_fault("status", status=503, count=None, path_prefix=TASK_PATH)
+    if given_as == "trigger argument":
+        trigger = make_trigger(poke_interval=0.05, timeout=30, unreachable_timeout=1.0)
+    else:
+        set_conn(host=emulator.base_url, password=emulator.api_key, extra={"unreachable_timeout": 1.0})
+        trigger = make_trigger(poke_interval=0.05, timeout=30)
+
+    started = time.monotonic()
+    event = await first_event(trigger)
+
+    assert time.monotonic() - started < 5  # long before the 30 s deadline
+    assert event["status"] == "error"
+    assert event["error_type"] == "PPIOUnreachableError"
+    assert "no usable answer for 1s" in event["message"]
+    assert "HTTP 503" in event["message"]  # the last error, so the user sees why
+    assert len(polls(emulator, "pw-1")) > 2  # retried with backoff meanwhile, not given up at once
+
+
+@pytest.mark.timeout(30)
+async def test_a_deadline_before_unreachable_timeout_gives_a_timeout_event_without_a_hot_loop(
+    emulator: EmulatorServer,
+) -> None:
     emulator.control.inject_fault("status", status=503, count=None, path_prefix=TASK_PATH)
 
-    event = await first_event(make_trigger(poke_interval=0.1, timeout=0.5))
+    started = time.monotonic()
+    event = await first_event(make_trigger(poke_interval=0.1, timeout=1.0, unreachable_timeout=60))
 
+    assert 0.9 <= time.monotonic() - started < 4
     assert event["status"] == "timeout"
     assert event["last_status"] is None
-    # A hot loop would send thousands of requests in 0.5 s; pacing by poke_interval allows about 6.
-    assert 1 <= len(polls(emulator, "pw-1")) <= 10
+    assert "HTTP 503" in event["message"]  # what the API was doing at the deadline
+    # Backoff between attempts: a hot loop would send thousands of requests in a second.
+    assert 2 <= len(polls(emulator, "pw-1")) <= 20
 
 
+@pytest.mark.timeout(30)
 async def test_the_api_key_appears_in_no_event_or_log(
     ppio_emulator_factory: Callable[..., EmulatorServer],
     set_conn: Callable[..., None],
@@ -297,204 +373,127 @@ async def test_the_api_key_appears_in_no_event_or_log(
     assert API_KEY not in text  # ...without the key the server echoed back
 
 
+# -- no head-of-line blocking ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["every answer is 503", "every request hangs"])
+async def test_many_waits_on_a_failing_api_each_end_on_time(
+    server: ApiServer, set_conn: Callable[..., None], api: str
+) -> None:
+    # 100 deferred waits on an API that gives no usable answer: each one ends with its own timeout event,
+    # no later than its deadline + one poke_interval + one request timeout. A shared client that made
+    # requests queue behind each other's retries (or hanging requests) would push them far past it.
+    request_timeout, poke_interval = 0.5, 1.0
+    set_conn(
+        host=server.base_url,
+        extra={"timeout": request_timeout, "backoff_initial": 0.5, "unreachable_timeout": 600},
+    )
+    server.reply(reply_json(503, {"message": "unavailable"}) if api == "every answer is 503" else hang(server))
+    deadline = time.time() + 3
+    triggers = [
+        PrewarmTaskTrigger(prewarm_task_id=f"pw-{n}", poke_interval=poke_interval, deadline=deadline)
+        for n in range(100)
+    ]
+
+    stalls: list[float] = []
+    watch = asyncio.create_task(watch_the_loop(stalls))
+    results = await asyncio.gather(*(timed_event(trigger) for trigger in triggers))
+    watch.cancel()
+
+    assert [event["status"] for event, _ in results] == ["timeout"] * 100
+    assert {event["prewarm_task_id"] for event, _ in results} == {f"pw-{n}" for n in range(100)}
+    ended = [at for _, at in results]
+    assert min(ended) >= deadline - 0.1  # none gave up early
+    # A client with head-of-line blocking ends 15 s or more late. The slack: 1 s, plus however long the loop
+    # itself was frozen (on a machine busy with other work that delays every wait alike, blocking or not).
+    late, frozen = max(ended) - deadline, sum(stall for stall in stalls if stall > 0.1)
+    assert late <= poke_interval + request_timeout + 1.0 + frozen, f"{late:.1f}s late, the loop frozen {frozen:.1f}s"
+    assert {request.path for request in server.seen} == {f"{TASK_PATH}pw-{n}" for n in range(100)}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("slow_poll", "slow_waits"),
+    [
+        ("hangs for the whole request timeout", 20),
+        ("is retried after 503s with a long backoff", 60),  # more waits than the session's connections
+    ],
+)
+async def test_a_slow_poll_does_not_delay_another_waits_poll(
+    server: ApiServer, set_conn: Callable[..., None], slow_poll: str, slow_waits: int
+) -> None:
+    # Many waits whose polls are slow, and one whose task has succeeded: its poll is answered at once.
+    # Nothing is held while a request hangs on another connection or while a retry sleeps.
+    set_conn(host=server.base_url, extra={"timeout": 20, "backoff_initial": 10})
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/pw-fast"):
+            return web.json_response(task_body("pw-fast", "succeeded"))
+        if slow_poll.startswith("hangs"):
+            await server.stopped()
+        return web.json_response({"message": "unavailable"}, status=503)
+
+    server.reply(answer)
+    slow = [
+        asyncio.create_task(first_event(make_trigger(f"pw-slow-{n}", poke_interval=0.1))) for n in range(slow_waits)
+    ]
+    while len(server.seen) < slow_waits:
+        await asyncio.sleep(0.01)
+
+    started = time.monotonic()
+    event = await first_event(make_trigger("pw-fast", poke_interval=0.1))
+
+    assert event["status"] == "success"
+    assert time.monotonic() - started < 2  # not behind the slow polls (each takes 10 s or more)
+    assert not any(wait.done() for wait in slow)
+    for wait in slow:
+        wait.cancel()
+    await asyncio.gather(*slow, return_exceptions=True)
+    assert SHARED_SESSIONS.open_sessions() == 0
+
+
 # -- restart -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)
 async def test_a_trigger_rebuilt_from_serialize_mid_wait_continues(emulator: EmulatorServer) -> None:
     emulator.control.seed_task(task_id="pw-1", state="running")
-    trigger = make_trigger(poke_interval=0.02, timeout=60)
+    trigger = make_trigger(poke_interval=0.02, timeout=60, unreachable_timeout=300)
     waiting = asyncio.create_task(first_event(trigger))
     await wait_for_requests(emulator, 2, "pw-1")
 
     waiting.cancel()  # what a triggerer shutdown does
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert SHARED_ASYNC_CLIENTS.open_clients() == 0  # its lease was released
+    assert SHARED_SESSIONS.open_sessions() == 0  # its lease was released
 
     emulator.control.set_state("pw-1", "succeeded")
     rebuilt = airflow_roundtrip(trigger)
     assert rebuilt.deadline == trigger.deadline  # an absolute deadline: the restart does not extend the wait
+    assert rebuilt.unreachable_timeout == 300
     event = await first_event(rebuilt)
 
     assert event["status"] == "success"
     assert event["task"]["task_id"] == "pw-1"
 
 
-# -- shared client -------------------------------------------------------------------------------------
+# -- shared session ------------------------------------------------------------------------------------
 
 
-async def test_concurrent_triggers_share_one_client_and_release_it(emulator: EmulatorServer) -> None:
+@pytest.mark.timeout(30)
+async def test_concurrent_triggers_share_one_session_and_release_it(emulator: EmulatorServer) -> None:
     for n in range(40):
         emulator.control.seed_task(task_id=f"pw-{n}", state="running")
     triggers = [make_trigger(f"pw-{n}", poke_interval=0.05) for n in range(40)]
     waits = [asyncio.create_task(first_event(trigger)) for trigger in triggers]
     await wait_for_requests(emulator, 80)
 
-    assert SHARED_ASYNC_CLIENTS.open_clients() == 1
+    assert SHARED_SESSIONS.open_sessions() == 1
     for n in range(40):
-        emulator.control.set_state(f"pw-{n}", "succeeded")
+        await asyncio.to_thread(emulator.control.set_state, f"pw-{n}", "succeeded")
     events = await asyncio.gather(*waits)
 
     assert sorted(event["prewarm_task_id"] for event in events) == sorted(f"pw-{n}" for n in range(40))
     assert {event["status"] for event in events} == {"success"}
-    assert SHARED_ASYNC_CLIENTS.open_clients() == 0
-
-
-def _settings(base_url: str, api_key: str = "sk_pool") -> ClientSettings:
-    return ClientSettings(base_url=base_url, api_key=api_key, timeout=10)
-
-
-def _sockets_to(port: int) -> set[int]:
-    """The local ports of this process's TCP sockets connected to ``port``."""
-    import psutil
-
-    connections = psutil.Process().net_connections("tcp")
-    return {conn.laddr.port for conn in connections if conn.raddr and conn.raddr.port == port}
-
-
-async def test_the_pool_bounds_open_connections_and_reuses_them(emulator: EmulatorServer) -> None:
-    emulator.control.seed_task(task_id="pw-1", state="running")
-    emulator.control.close()  # its keep-alive connection would be counted too
-    pool = AsyncClientPool(max_connections=3)
-    settings = _settings(emulator.base_url, emulator.api_key)
-    port = int(emulator.base_url.rsplit(":", 1)[1])
-    # The emulator serves the whole session: sockets other tests left open (and not yet collected) are not ours.
-    before = _sockets_to(port)
-    ours: set[int] = set()
-    most = 0
-
-    async def get(client: Any) -> int:
-        nonlocal most
-        response = await client.get(emulator.base_url + TASK_PATH + "pw-1", headers=emulator.auth_headers)
-        now = _sockets_to(port) - before
-        ours.update(now)
-        most = max(most, len(now))
-        return int(response.status_code)
-
-    async with pool.lease(settings) as client:
-        for _ in range(3):
-            assert await asyncio.gather(*(get(client) for _ in range(30))) == [200] * 30
-
-    assert 1 <= most <= 3
-    assert len(ours) <= 3  # 90 requests over 3 kept-alive connections, none reopened
-    assert pool.open_clients() == 0
-    await asyncio.sleep(0.05)
-    assert not ours & _sockets_to(port)  # closed with the client
-
-
-async def test_a_request_cancelled_while_queued_or_failed_frees_its_turn(emulator: EmulatorServer) -> None:
-    emulator.control.seed_task(task_id="pw-1", state="running")
-    emulator.control.inject_fault("latency", seconds=0.3, count=1, path_prefix=TASK_PATH)
-    pool = AsyncClientPool(max_connections=1)
-    url = emulator.base_url + TASK_PATH + "pw-1"
-
-    async with pool.lease(_settings(emulator.base_url, emulator.api_key)) as client:
-        slow = asyncio.create_task(client.get(url, headers=emulator.auth_headers))
-        await asyncio.sleep(0.05)
-        queued = asyncio.create_task(client.get(url, headers=emulator.auth_headers))
-        await asyncio.sleep(0.05)
-        queued.cancel()
-        assert (await slow).status_code == 200
-        with pytest.raises(asyncio.CancelledError):
-            await queued
-        after = await asyncio.wait_for(client.get(url, headers=emulator.auth_headers), 5)
-        assert after.status_code == 200
-
-    async with pool.lease(_settings("http://127.0.0.1:1")) as refused:
-        for _ in range(2):  # the first failure must not keep the only turn
-            with pytest.raises(httpx.ConnectError):
-                await asyncio.wait_for(refused.get("http://127.0.0.1:1/"), 5)
-
-
-async def test_the_shared_client_goes_through_the_proxy_the_environment_names(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: list[bytes] = []
-    body = json.dumps({"task_id": "pw-1", "status": {"status": "succeeded"}}).encode()
-
-    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0])
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("NO_PROXY", "bypassed.ppio.test")
-    pool = AsyncClientPool()
-    try:
-        async with pool.lease(_settings("http://api.ppio.test")) as client:
-            response = await client.get("http://api.ppio.test/gpus/v2/prewarm-tasks/pw-1")
-        async with pool.lease(_settings("http://bypassed.ppio.test")) as client:
-            with pytest.raises((httpx.ConnectError, httpx.ConnectTimeout)):  # tried directly: no such host
-                await client.get("http://bypassed.ppio.test/gpus/v2/prewarm-tasks/pw-1")
-    finally:
-        server.close()
-
-    assert response.json()["task_id"] == "pw-1"
-    assert seen == [b"GET http://api.ppio.test/gpus/v2/prewarm-tasks/pw-1 HTTP/1.1"]
-
-
-async def test_leases_share_a_client_per_base_url_and_key() -> None:
-    pool = AsyncClientPool()
-    async with pool.lease(_settings("http://127.0.0.1:1")) as first:
-        async with (
-            pool.lease(_settings("http://127.0.0.1:1")) as again,
-            pool.lease(_settings("http://127.0.0.1:1", "sk_other")) as other_key,
-            pool.lease(_settings("http://127.0.0.1:2")) as other_host,
-        ):
-            assert again is first
-            assert len({id(first), id(other_key), id(other_host)}) == 3
-            assert pool.open_clients() == 3
-        assert pool.open_clients() == 1
-        assert not first.is_closed
-    assert first.is_closed
-    assert pool.open_clients() == 0
-
-
-async def test_a_cancelled_lease_closes_its_client() -> None:
-    pool = AsyncClientPool()
-    entered = asyncio.Event()
-    clients: list[Any] = []
-
-    async def hold() -> None:
-        async with pool.lease(_settings("http://127.0.0.1:1")) as client:
-            clients.append(client)
-            entered.set()
-            await asyncio.sleep(3600)
-
-    holder = asyncio.create_task(hold())
-    await entered.wait()
-    holder.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await holder
-    assert clients[0].is_closed
-    assert pool.open_clients() == 0
-
-
-def test_each_event_loop_gets_its_own_client(emulator: EmulatorServer) -> None:
-    emulator.control.seed_task(task_id="pw-1", state="running")
-    pool = AsyncClientPool()
-    settings = _settings(emulator.base_url, emulator.api_key)
-    seen: dict[str, Any] = {}
-    both_inside = threading.Barrier(2, timeout=10)
-
-    async def use(name: str) -> None:
-        async with pool.lease(settings) as client:
-            response = await client.get(emulator.base_url + TASK_PATH + "pw-1", headers=emulator.auth_headers)
-            seen[name] = (client, response.status_code)
-            await asyncio.to_thread(both_inside.wait)  # both loops hold a lease at once
-            seen[name + "_open"] = pool.open_clients()
-            await asyncio.to_thread(both_inside.wait)
-
-    threads = [threading.Thread(target=asyncio.run, args=(use(name),)) for name in ("a", "b")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-
-    assert seen["a"][0] is not seen["b"][0]
-    assert seen["a"][1] == seen["b"][1] == 200
-    assert seen["a_open"] == seen["b_open"] == 2
-    assert pool.open_clients() == 0
+    assert SHARED_SESSIONS.open_sessions() == 0
