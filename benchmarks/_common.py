@@ -8,8 +8,10 @@ process counts the client's CPU only. Two servers speak the same endpoint and JS
   least server-side noise, used for the floor and low-noise poke timing.
 * ``emulator``: the project's PPIO emulator (FastAPI + uvicorn), the realistic stand-in.
 
-Run ``python benchmarks/_common.py serve minimal|emulator`` to start one by hand; it prints one
-JSON line (``base_url``, ``api_key``, ``task_id``) and serves until its stdin closes.
+The minimal server also speaks HTTPS (``tls_dir``: a directory from :func:`make_tls_files`, whose
+``ca.pem`` the client trusts). Run ``python benchmarks/_common.py serve minimal|emulator [TLS_DIR]``
+to start one by hand; it prints one JSON line (``base_url``, ``api_key``, ``task_id``) and serves
+until its stdin closes.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Server:
     base_url: str
     api_key: str
     task_id: str
+    #: The CA file to trust for an HTTPS server; None for plain HTTP.
+    ca_file: str | None = None
 
     @property
     def port(self) -> int:
@@ -65,21 +69,39 @@ class Server:
         """Prewarm-task GETs answered and TCP connections accepted so far (minimal server only)."""
         if self.kind != "minimal":
             return None
+        import ssl
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.base_url}/_stats", timeout=5) as response:
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+        with urllib.request.urlopen(f"{self.base_url}/_stats", timeout=5, context=context) as response:
             return {key: int(value) for key, value in json.loads(response.read()).items()}
 
 
+def make_tls_files(directory: str) -> str:
+    """
+    Write a throwaway CA (``ca.pem``) and a server certificate for 127.0.0.1 (``cert.pem``, ``key.pem``).
+
+    Uses the emulator's generator (``airflow_provider_ppio.testing.tls``). Returns the CA file to trust.
+
+    :param directory: An existing directory.
+    """
+    from airflow_provider_ppio.testing.tls import create_tls_files
+
+    return str(create_tls_files(directory).ca_bundle)
+
+
 @contextmanager
-def server_process(kind: str) -> Iterator[Server]:
+def server_process(kind: str, tls_dir: str | None = None) -> Iterator[Server]:
     """
     Start a server of ``kind`` in a child process (same interpreter) and stop it afterwards.
 
     :param kind: ``minimal`` or ``emulator``.
+    :param tls_dir: Serve HTTPS with the files :func:`make_tls_files` wrote there (minimal only).
     """
+    if tls_dir and kind != "minimal":
+        raise ValueError("only the minimal server speaks HTTPS here")
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "serve", kind],
+        [sys.executable, os.path.abspath(__file__), "serve", kind, *([tls_dir] if tls_dir else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -90,7 +112,13 @@ def server_process(kind: str) -> Iterator[Server]:
         if not line:
             raise RuntimeError(f"the {kind} server did not start (exit code {proc.wait()})")
         info = json.loads(line)
-        yield Server(kind=kind, base_url=info["base_url"], api_key=info["api_key"], task_id=info["task_id"])
+        yield Server(
+            kind=kind,
+            base_url=info["base_url"],
+            api_key=info["api_key"],
+            task_id=info["task_id"],
+            ca_file=os.path.join(tls_dir, "ca.pem") if tls_dir else None,
+        )
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -101,8 +129,9 @@ def server_process(kind: str) -> Iterator[Server]:
             proc.wait()
 
 
-def _serve_minimal() -> None:
+def _serve_minimal(tls_dir: str | None = None) -> None:
     import asyncio
+    import ssl
 
     body = json.dumps(TASK_BODY, separators=(",", ":")).encode()
     ok = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
@@ -133,9 +162,14 @@ def _serve_minimal() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(Http, "127.0.0.1", 0, backlog=1024)
+        tls = None
+        if tls_dir:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(os.path.join(tls_dir, "cert.pem"), os.path.join(tls_dir, "key.pem"))
+        server = await loop.create_server(Http, "127.0.0.1", 0, backlog=1024, ssl=tls)
         port = server.sockets[0].getsockname()[1]
-        print(json.dumps({"base_url": f"http://127.0.0.1:{port}", "api_key": API_KEY, "task_id": TASK_ID}))
+        scheme = "https" if tls else "http"
+        print(json.dumps({"base_url": f"{scheme}://127.0.0.1:{port}", "api_key": API_KEY, "task_id": TASK_ID}))
         sys.stdout.flush()
         await loop.run_in_executor(None, sys.stdin.read)
         server.close()
@@ -244,7 +278,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "serve" and sys.argv[2] in ("minimal", "emulator"):
-        _serve_minimal() if sys.argv[2] == "minimal" else _serve_emulator()
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "serve" and sys.argv[2] in ("minimal", "emulator"):
+        _serve_minimal(*sys.argv[3:]) if sys.argv[2] == "minimal" else _serve_emulator()
     else:
-        sys.exit("usage: python benchmarks/_common.py serve minimal|emulator")
+        sys.exit("usage: python benchmarks/_common.py serve minimal|emulator [TLS_DIR]")

@@ -12,13 +12,12 @@ polls, and the last lease to end closes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import socket
 import ssl
 import threading
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +76,11 @@ async def send(
                 headers=headers,
                 allow_redirects=False,
                 proxy=settings.proxy,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout),
+                # ``connect`` also bounds the wait for a pooled connection: a request that queued most of its
+                # timeout away is not sent only to be cut, it fails as "never sent" and may be retried.
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=settings.timeout / 2, sock_connect=settings.connect_timeout
+                ),
             ) as response:
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(65536):
@@ -146,31 +149,34 @@ class SharedSessions:
             weakref.WeakKeyDictionary()
         )
 
-    @contextlib.asynccontextmanager
-    async def lease(self, settings: ClientSettings) -> AsyncIterator[aiohttp.ClientSession]:
+    def lease(self, settings: ClientSettings) -> _Lease:
         """
-        Use the shared session for ``settings`` on the running loop, creating it if needed.
+        Use the shared session for ``settings`` on the running loop, creating it if needed
+        (``async with SHARED_SESSIONS.lease(settings) as session``).
 
         :param settings: Its TLS setting and proxy choose the session (the key travels per request).
         """
+        return _Lease(self, (settings.tls, settings.proxy), settings)
+
+    def _acquire(self, key: Any, settings: ClientSettings) -> _Entry:
         loop = asyncio.get_running_loop()
-        key = (settings.tls, settings.proxy)
         with self._lock:
             sessions = self._by_loop.setdefault(loop, {})
             entry = sessions.get(key)
             if entry is None or entry.session.closed:
                 entry = sessions[key] = _Entry(self._new_session(settings))
             entry.users += 1
-        try:
-            yield entry.session
-        finally:
-            with self._lock:
-                entry.users -= 1
-                last = entry.users == 0 and sessions.get(key) is entry
-                if last:
-                    del sessions[key]
+        return entry
+
+    async def _release(self, key: Any, entry: _Entry) -> None:
+        with self._lock:
+            entry.users -= 1
+            sessions = self._by_loop.get(asyncio.get_running_loop(), {})
+            last = entry.users == 0 and sessions.get(key) is entry
             if last:
-                await entry.session.close()
+                del sessions[key]
+        if last:
+            await entry.session.close()
 
     def _new_session(self, settings: ClientSettings) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=_ssl_context(settings.tls))
@@ -185,6 +191,25 @@ class SharedSessions:
         """How many shared sessions are open, across loops (for tests and benchmarks)."""
         with self._lock:
             return sum(len(sessions) for sessions in self._by_loop.values())
+
+
+class _Lease:
+    """One use of a shared session; a plain class, as every API call takes one (cheaper than a generator)."""
+
+    __slots__ = ("_entry", "_key", "_pool", "_settings")
+
+    def __init__(self, pool: SharedSessions, key: Any, settings: ClientSettings) -> None:
+        self._pool, self._key, self._settings = pool, key, settings
+        self._entry: _Entry | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientSession:
+        self._entry = self._pool._acquire(self._key, self._settings)
+        return self._entry.session
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._entry is not None:
+            entry, self._entry = self._entry, None
+            await self._pool._release(self._key, entry)
 
 
 #: The process-wide sessions every :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook` uses.

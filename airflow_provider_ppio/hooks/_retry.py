@@ -7,10 +7,11 @@ import tenacity; the transports import it when a call is made.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Protocol
 
-from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt
 
 from airflow_provider_ppio.exceptions import PPIOError, PPIORateLimitError, PPIOTransportError, PPIOUnreachableError
 from airflow_provider_ppio.hooks._shared import ClientSettings, Patience
@@ -37,6 +38,19 @@ def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
     return isinstance(error, PPIOTransportError) and not error.request_sent
 
 
+def backoff(settings: ClientSettings, attempt: int) -> float:
+    """
+    The wait after failed attempt ``attempt`` (1, 2, ...): ``backoff_initial`` doubled per attempt, capped at
+    ``retry_wait_max``, then a random half of it dropped. The jitter grows with the wait, so waits that failed
+    together (thousands of triggers in one outage) spread out instead of coming back in waves.
+
+    :param settings: ``backoff_initial`` and ``retry_wait_max``.
+    :param attempt: The attempt that just failed.
+    """
+    base = min(settings.retry_wait_max, settings.backoff_initial * 2 ** min(attempt - 1, 64))
+    return float(base * random.uniform(0.5, 1.0))
+
+
 def retry_arguments(
     settings: ClientSettings,
     *,
@@ -48,7 +62,7 @@ def retry_arguments(
     """
     Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: the one policy of both transports.
 
-    Transient errors (network, timeouts, 429, 5xx) are retried with exponential backoff and jitter, or
+    Transient errors (network, timeouts, 429, 5xx) are retried after :func:`backoff`, or
     after what a 429's ``Retry-After`` asks (capped at ``retry_wait_max``). A one-off call stops after
     ``max_attempts``; a wait (``patience``) goes on until ``unreachable_timeout`` or its deadline, with
     a last attempt right at the limit. Nothing is held while sleeping.
@@ -60,11 +74,6 @@ def retry_arguments(
     :param patience: Retry by time instead of by attempts.
     """
     started = time.monotonic()
-    backoff = wait_exponential_jitter(
-        initial=settings.backoff_initial,
-        max=settings.retry_wait_max,
-        jitter=settings.backoff_initial,
-    )
 
     def wait(retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
@@ -72,7 +81,7 @@ def retry_arguments(
         if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
             seconds = min(error.retry_after, settings.retry_wait_max)
         else:
-            seconds = float(backoff(retry_state))
+            seconds = backoff(settings, retry_state.attempt_number)
         if patience is not None:
             seconds = min(seconds, max(0.0, patience.remaining(started)))
         return seconds

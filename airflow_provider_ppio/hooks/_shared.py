@@ -13,6 +13,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -297,6 +298,10 @@ def prewarm_task_path(task_id: object) -> str:
     return f"{PREWARM_TASKS_PATH}/{quote(task_id, safe='')}"
 
 
+#: What an API path may not contain: a query, a fragment, a backslash, whitespace or control characters.
+_UNSAFE_PATH_CHARACTERS = re.compile(r"[?#\\\x00-\x20]")
+
+
 def api_url(settings: ClientSettings, path: str) -> str:
     """
     Join the base URL and an API path; refuses anything that could leave the API's host.
@@ -306,7 +311,7 @@ def api_url(settings: ClientSettings, path: str) -> str:
     """
     if not isinstance(path, str) or not path.startswith("/") or path.startswith("//"):
         raise PPIOInvalidInputError(f"API path must start with a single '/', got {path!r}")
-    if any(char in path for char in "?#\\") or any(ord(char) < 0x21 for char in path):
+    if _UNSAFE_PATH_CHARACTERS.search(path):
         raise PPIOInvalidInputError(f"API path must not contain '?', '#', '\\\\' or whitespace: {path!r}")
     return settings.base_url + path
 
@@ -587,17 +592,46 @@ def transport_error(failure: Failure, *, where: str, settings: ClientSettings, d
 
 def root_cause(err: BaseException) -> str:
     """The innermost error's class and text, short (no headers, no key)."""
-    seen = err
-    for _ in range(20):
-        inner = getattr(seen, "reason", None)
-        if not isinstance(inner, BaseException):
-            args = getattr(seen, "args", ())
-            inner = args[0] if args and isinstance(args[0], BaseException) else seen.__cause__ or seen.__context__
-        if inner is None or inner is seen:
-            break
-        seen = inner
+    chain = error_chain(err)
+    seen = chain[-1] if chain else err
     text = " ".join(str(seen).split())
     return f"{type(seen).__name__}: {text[:200]}" if text else type(seen).__name__
+
+
+#: Libraries whose errors wrap the one below them; another exception being handled when they were raised
+#: (``__context__``) is followed only into these and into OS errors, never into the caller's own.
+_NETWORK_MODULES = frozenset({"urllib3", "requests", "aiohttp", "ssl", "socket", "http"})
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """
+    ``err`` and what it wraps, outermost first, along ``reason``, the first argument, ``__cause__`` and a
+    network library's ``__context__``; not into an unrelated exception the caller was handling at the time.
+
+    :param err: What the transport raised.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and len(chain) < 20 and not any(current is known for known in chain):
+        chain.append(current)
+        args = getattr(current, "args", ())
+        inner = next(
+            (
+                candidate
+                for candidate in (getattr(current, "reason", None), args[0] if args else None, current.__cause__)
+                if isinstance(candidate, BaseException)
+            ),
+            None,
+        )
+        context = current.__context__
+        if inner is None and context is not None and _from_network_code(context):
+            inner = context
+        current = inner
+    return chain
+
+
+def _from_network_code(err: BaseException) -> bool:
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in _NETWORK_MODULES
 
 
 def timeout_error(where: str, settings: ClientSettings) -> PPIOTimeoutError:

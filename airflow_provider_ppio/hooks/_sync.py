@@ -23,6 +23,7 @@ from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
     ClientSettings,
     Failure,
+    error_chain,
     interpret_response,
     request_headers,
     root_cause,
@@ -137,7 +138,7 @@ def _transport_error(where: str, settings: ClientSettings, err: Exception) -> PP
 
 def _classify(err: BaseException) -> Failure:
     """Read requests' and urllib3's exception chain for what happened."""
-    chain = list(_chain(err))
+    chain = error_chain(err)
     if any(isinstance(e, (requests.exceptions.SSLError, ssl.SSLError, urllib3.exceptions.SSLError)) for e in chain):
         return Failure.TLS
     if any(isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME for e in chain):
@@ -149,24 +150,3 @@ def _classify(err: BaseException) -> Failure:
     if any(isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)) for e in chain):
         return Failure.TIMEOUT
     return Failure.BROKEN
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    """The exception and everything it wraps (``reason``, first argument, cause, context)."""
-    seen: list[BaseException] = []
-    todo: list[BaseException] = [err]
-    while todo and len(seen) < 20:
-        current = todo.pop()
-        if any(current is known for known in seen):
-            continue
-        seen.append(current)
-        args = getattr(current, "args", ())
-        for inner in (
-            getattr(current, "reason", None),
-            args[0] if args else None,
-            current.__cause__,
-            current.__context__,
-        ):
-            if isinstance(inner, BaseException):
-                todo.append(inner)
-    return seen

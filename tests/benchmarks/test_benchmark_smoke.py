@@ -38,6 +38,7 @@ def table_row(output: str, first_cell: str) -> list[str]:
     return [cell.strip() for cell in match.group(1).split("|")]
 
 
+@pytest.mark.timeout(240)
 def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
     output = run_script(
         "poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1", "--ablation"
@@ -54,6 +55,7 @@ def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
     assert "Targets: ppio/http <= 0.6" in output
 
 
+@pytest.mark.timeout(240)
 def test_parse_cost_measures_both_sensor_modules_in_fresh_processes() -> None:
     output = run_script("parse_cost.py", "--processes", "1", "--kinds", "module", "--no-importtime")
 
@@ -64,8 +66,56 @@ def test_parse_cost_measures_both_sensor_modules_in_fresh_processes() -> None:
     assert int(ours[2]) < int(http[2])
 
 
-@pytest.mark.skipif(not (BENCHMARKS / "triggerer_scale.py").exists(), reason="no triggerer benchmark yet")
-def test_triggerer_scale_runs_both_triggers() -> None:
+def rows_with(output: str, cell: str) -> list[list[str]]:
+    """The cells of every Markdown table row that has a cell equal to ``cell``."""
+    rows = [
+        [part.strip() for part in line.strip().strip("|").split("|")]
+        for line in output.splitlines()
+        if line.startswith("| ")
+    ]
+    return [row for row in rows if cell in row]
+
+
+@pytest.mark.timeout(240)
+def test_async_transport_compares_three_clients_on_one_keep_alive_connection() -> None:
+    output = run_script(
+        "async_transport.py", "--requests", "3", "--rounds", "1", "--warmup", "1", "--profile", "5", timeout=120
+    )
+
+    assert "### http" in output and "### https" in output
+    comparison, _, profile = output.partition("### Profile")
+    for contender in ("aiohttp", "httpx", "hook"):
+        rows = rows_with(comparison, contender)
+        assert len(rows) == 2, output  # one row per scheme
+        for row in rows:
+            assert float(row[1]) > 0
+            # Counted by the server: every client, the hook's shared session too, keeps its connection.
+            assert row[-1] == "0.000", row
+    assert profile.startswith(": 5 warm hook calls") and "provider (ours)" in profile
+
+
+@pytest.mark.timeout(240)
+def test_triggerer_scale_runs_both_triggers_and_every_wait_fires() -> None:
     output = run_script("triggerer_scale.py", "--counts", "5", "--repeats", "1", "--interval", "0.2", "--rounds", "1")
 
-    assert "PrewarmTaskTrigger" in output and "HttpSensorTrigger" in output
+    ours, theirs = rows_with(output, "`PrewarmTaskTrigger`"), rows_with(output, "`HttpSensorTrigger`")
+    assert [row[0] for row in ours] == ["https", "http"] and [row[0] for row in theirs] == ["https", "http"]
+    for row in ours + theirs:
+        assert row[7] == "0", row  # events lost
+
+
+@pytest.mark.timeout(240)
+def test_triggerer_outage_ends_every_wait_with_a_timeout_event() -> None:
+    output = run_script(
+        "triggerer_scale.py",
+        *("--counts", "--schemes", "http", "--outage", "503", "hang"),
+        *("--outage-waits", "5", "--outage-interval", "0.5", "--outage-deadline", "2", "--outage-timeout", "0.5"),
+        timeout=120,
+    )
+
+    for mode in ("503", "hang"):
+        (row,) = rows_with(output, mode)
+        assert row[4] == "timeout 5", row  # every wait fired exactly one event, a timeout
+        assert row[5] == "0", row  # none lost
+        assert int(row[9].replace(",", "")) >= 5, row  # the server saw the polls
+    assert "requests per second, from second 0:" in output

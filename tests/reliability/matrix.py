@@ -3,18 +3,19 @@ The fault matrix as data: every scenario, how its fault is produced, and the out
 
 A *path* is one way the provider reads a prewarm task: ``hook`` (``PPIOHook.get_prewarm_task``, sync,
 requests), ``sensor`` (one ``PrewarmTaskSensor.poke``) and ``trigger`` (``PrewarmTaskTrigger.run`` until its
-first event, async, httpx). Each path runs on its own thread with a hard limit, so a hang is reported as an
+first event, async, aiohttp). Each path runs on its own thread with a hard limit, so a hang is reported as an
 outcome instead of stalling the suite.
 
 What is observable, per path:
 
 * hook: it returns the task (with its status) or raises a typed error;
 * sensor: the poke opens the gate (``PokeReturnValue``), keeps waiting (``False``) or raises, which fails the
-  task;
-* trigger: its first event: ``success``, ``failed``, ``error`` (with ``error_type``) or ``timeout``. "Keeps
-  waiting" for the trigger means: given a short deadline, it polls again after each failed poll and ends with
-  the ``timeout`` event at the deadline (at least two polls). A fault that clears shows as a ``success``
-  event after the retries.
+  task. A poke is patient: transient faults are retried with backoff for up to ``unreachable_timeout`` (1 s
+  here), so a fault that clears in time opens the gate and one that never clears fails with
+  ``PPIOUnreachableError``;
+* trigger: its first event: ``success``, ``failed``, ``error`` (with ``error_type``) or ``timeout``. It is
+  patient the same way. "Keeps waiting" (an unknown status) means: given a short deadline, it polls again and
+  ends with the ``timeout`` event at the deadline (at least two polls).
 
 Request counts come from the server side: the emulator's request log or the raw server's accept log.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +38,17 @@ TASK_PATH = f"/gpus/v2/prewarm-tasks/{TASK_ID}"
 #: The key of every connection here: finding it in any message or event is a leak.
 API_KEY = "sk_rel_DO_NOT_LEAK_5e1f0c2b9a"
 WRONG_KEY = "sk_rel_WRONG_DO_NOT_LEAK_77d1e4"
-#: Connection extras of every scenario unless it says otherwise: 3 attempts, fast backoff, waits capped at 0.5 s.
-BASE_EXTRA: dict[str, Any] = {"timeout": 2, "max_attempts": 3, "backoff_initial": 0.01, "retry_wait_max": 0.5}
+#: A host name DNS says does not exist (``socket.getaddrinfo`` is patched; nothing is ever resolved for real).
+UNKNOWN_HOST = "ppio-reliability-no-such-host.invalid"
+#: Connection extras of every scenario unless it says otherwise: 3 attempts, fast backoff, waits capped at 0.5 s,
+#: and a wait (sensor, trigger) gives up on an API that gives no usable answer after 1 s.
+BASE_EXTRA: dict[str, Any] = {
+    "timeout": 2,
+    "max_attempts": 3,
+    "backoff_initial": 0.01,
+    "retry_wait_max": 0.5,
+    "unreachable_timeout": 1.0,
+}
 #: For faults that eat the whole timeout: half a second per attempt, two attempts.
 SLOW_EXTRA: dict[str, Any] = {"timeout": 0.5, "max_attempts": 2}
 #: The trigger's deadline (seconds from its start) when the scenario should end it by itself.
@@ -145,8 +156,10 @@ class Arena:
         self._set_connection = set_connection
         self.extra = {**BASE_EXTRA, **extra}
         self.target: Any = emulator
-        self.servers: list[FaultServer | RefusedPort] = []
+        self.servers: list[Any] = []
         self.other_host: FaultServer | None = None
+        self.uncountable = False
+        self._undo: list[Callable[[], None]] = []
         self.connect(emulator.base_url)
 
     def connect(self, base_url: str, api_key: str = API_KEY) -> None:
@@ -173,6 +186,30 @@ class Arena:
         self.target = port
         self.connect(port.base_url)
 
+    def tls_unverified(self) -> None:
+        """Point the connection at an HTTPS emulator whose CA (a fresh one) is trusted nowhere."""
+        from airflow_provider_ppio.testing.emulator import EmulatorConfig
+        from airflow_provider_ppio.testing.server import EmulatorServer
+
+        server = EmulatorServer(EmulatorConfig(api_key=API_KEY), tls=True).start()
+        self.servers.append(server)
+        self.uncountable = True  # the handshake fails before any request
+        self.connect(server.base_url)
+
+    def unknown_host(self) -> None:
+        """Point the connection at :data:`UNKNOWN_HOST`, for which ``socket.getaddrinfo`` answers EAI_NONAME."""
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+            if (host.decode() if isinstance(host, bytes) else host) == UNKNOWN_HOST:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real(host, *args, **kwargs)
+
+        socket.getaddrinfo = getaddrinfo
+        self._undo.append(lambda: setattr(socket, "getaddrinfo", real))
+        self.uncountable = True
+        self.connect(f"http://{UNKNOWN_HOST}:8080")
+
     def redirect_elsewhere(self) -> None:
         """Answer reads with a 302 to another host (a raw server that records whether anyone came)."""
         other = FaultServer(lambda conn, head: other.answer_json(conn, head), body=task_body())
@@ -188,7 +225,7 @@ class Arena:
             moment after the client gave up: wait (up to 3 s) until this many are logged, then read once more.
             Waiting cannot lower the count, so a path that sent fewer requests still shows fewer.
         """
-        if isinstance(self.target, RefusedPort):
+        if isinstance(self.target, RefusedPort) or self.uncountable:
             return None, None
         if isinstance(self.target, FaultServer):
             return len(self.target.heads), None
@@ -207,9 +244,11 @@ class Arena:
         return [entry for entry in self.emulator.control.requests_log() if entry["path"] == TASK_PATH]
 
     def stop(self) -> None:
-        """Stop the raw servers."""
+        """Stop the raw servers and undo any patch."""
         for server in self.servers:
             server.stop()
+        for undo in self._undo:
+            undo()
 
 
 def task_body(**changes: Any) -> dict[str, Any]:
@@ -248,25 +287,38 @@ def recovers(requests: int, **extra: Any) -> dict[str, Expect]:
     }
 
 
-def outlasts_retries(error: str, message: str, requests: int, trigger_requests: int) -> dict[str, Expect]:
-    """A burst longer than one call's retries, then it clears: the hook raises, the gates wait, then succeed."""
+def outlasts_retries(error: str, message: str, requests: int, wait_requests: int) -> dict[str, Expect]:
+    """
+    A burst longer than one call's retries that clears within ``unreachable_timeout``: the hook raises, the
+    patient waits (sensor poke, trigger) retry through it and succeed.
+    """
     return {
         "hook": Expect("raises", error, message, requests),
-        "sensor": Expect("waiting", requests=requests),
-        "trigger": Expect("success", requests=trigger_requests),
+        "sensor": Expect("done", requests=wait_requests),
+        "trigger": Expect("success", requests=wait_requests),
     }
 
 
-def persists(error: str, message: str, requests: int | None) -> dict[str, Expect]:
-    """A transient fault that never clears: the hook raises, the gates keep waiting (trigger: to its deadline)."""
+def persists(
+    error: str, message: str, requests: int | None, wait_requests: int | tuple[int, int | None] | None = None
+) -> dict[str, Expect]:
+    """
+    A transient fault that never clears: the hook raises it after its attempts; the waits retry with backoff
+    until ``unreachable_timeout`` and then fail with ``PPIOUnreachableError`` naming the last error.
+
+    :param wait_requests: Requests of a wait; default: more than one call's ``requests``.
+    """
+    if wait_requests is None and requests is not None:
+        wait_requests = (requests + 1, None)
+    gave_up = message or "(unreachable_timeout)"  # the error names the last fault it gave up on
     return {
         "hook": Expect("raises", error, message, requests),
-        "sensor": Expect("waiting", requests=requests),
-        "trigger": Expect("timeout", requests=None if requests is None else (2 * requests, None), polls=2),
+        "sensor": Expect("fails", "PPIOUnreachableError", gave_up, wait_requests),
+        "trigger": Expect("error", "PPIOUnreachableError", gave_up, wait_requests),
     }
 
 
-def permanent(error: str, message: str, requests: int = 1) -> dict[str, Expect]:
+def permanent(error: str, message: str, requests: int | None = 1) -> dict[str, Expect]:
     """A permanent error: raised at once by the hook, fails the task, ends the trigger with an error event."""
     return {
         "hook": Expect("raises", error, message, requests),
@@ -414,36 +466,36 @@ SCENARIOS += [
         "no answer within the timeout, ever",
         "raw socket: reads the request, never answers; timeout=0.5, 2 attempts",
         _raw("silent"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2),
+        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
-        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-headers",
         "headers trickled one byte per 20 ms, forever",
         "raw socket: status line, then one header byte every 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_headers"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2),
+        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
-        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-body",
         "body trickled one byte per 20 ms, forever",
         "raw socket: chunked body, a 1-byte chunk every 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_body"),
-        expect=persists("PPIOTimeoutError", "", 2),  # the sync and async texts differ; the class is the point
+        expect=persists(
+            "PPIOTimeoutError", "", 2, (2, None)
+        ),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
-        trigger_deadline=1.8,
     ),
     scenario(
         "trickle-emulator",
         "the whole answer trickled one byte per 50 ms (~20 s)",
         "emulator `trickle` fault, interval=0.05; timeout=0.5, 2 attempts",
         lambda arena: arena.fault("trickle", interval=0.05),
-        expect=persists("PPIOTimeoutError", "", 2),  # the sync and async texts differ; the class is the point
+        expect=persists(
+            "PPIOTimeoutError", "", 2, (2, None)
+        ),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
-        trigger_deadline=1.8,
     ),
     scenario(
         "invalid-json",
@@ -581,7 +633,7 @@ SCENARIOS += [
         _nothing,
         state="failed",
         hook=Expect("task", status="failed", requests=1),
-        sensor=Expect("fails", "AirflowFailException", "error: ImagePullFailed | message: failed to pull image", 1),
+        sensor=Expect("fails", "PPIOPrewarmFailedError", "error: ImagePullFailed | message: failed to pull image", 1),
         trigger=Expect("failed", None, "failed to pull image", 1),
     ),
     scenario(
@@ -593,7 +645,7 @@ SCENARIOS += [
     ),
     scenario(
         "http401",
-        "401: the key is wrong",
+        "401: the key is wrong, and still the same after re-reading the connection",
         "a connection with another key (real emulator answer)",
         lambda arena: arena.connect(arena.emulator.base_url, api_key=WRONG_KEY),
         expect=permanent("PPIOAuthError", "HTTP 401 (check the API key"),
@@ -619,6 +671,27 @@ SCENARIOS += [
         "emulator `status` fault, status=302, Location: a raw server on another port",
         lambda arena: arena.redirect_elsewhere(),
         expect=permanent("PPIOBadResponseError", "redirects are not followed"),
+    ),
+    scenario(
+        "tls-unverified",
+        "TLS verification fails (a certificate no trusted CA signed)",
+        "the HTTPS emulator with a fresh CA, not in `ca_bundle` nor the environment",
+        lambda arena: arena.tls_unverified(),
+        expect=permanent("PPIOTLSError", "the TLS handshake with", None),
+    ),
+    scenario(
+        "unknown-host",
+        "the host name does not exist (DNS)",
+        "a made-up host; `socket.getaddrinfo` patched to answer `EAI_NONAME`",
+        lambda arena: arena.unknown_host(),
+        expect=permanent("PPIOUnknownHostError", "does not exist", None),
+    ),
+    scenario(
+        "unreachable",
+        "503 on every request, for longer than `unreachable_timeout` (1 s)",
+        "emulator `status` fault, status=503, count=unlimited",
+        lambda arena: arena.fault("status", status=503),
+        expect=persists("PPIOServerError", "HTTP 503 (PPIO API error)", 3),
     ),
 ]
 
@@ -678,7 +751,7 @@ def run_sensor() -> Measured:
         return Measured("fails", type(err).__name__, str(err))
     if answer is False:
         return Measured("waiting")
-    if isinstance(answer, PokeReturnValue) and answer.is_done and answer.xcom_value["task_id"] == TASK_ID:
+    if isinstance(answer, PokeReturnValue) and answer.is_done and (answer.xcom_value or {}).get("task_id") == TASK_ID:
         return Measured("done", message=json.dumps(answer.xcom_value))
     return Measured("unexpected", message=repr(answer))
 
@@ -692,10 +765,10 @@ def run_trigger(deadline: float) -> Measured:
     polls = 0
     original = PPIOHook.aget_prewarm_task
 
-    async def counted(hook: PPIOHook, task_id: str) -> Any:
+    async def counted(hook: PPIOHook, task_id: str, **kwargs: Any) -> Any:
         nonlocal polls
         polls += 1
-        return await original(hook, task_id)
+        return await original(hook, task_id, **kwargs)
 
     async def first_event() -> dict[str, Any]:
         try:
@@ -706,7 +779,7 @@ def run_trigger(deadline: float) -> Measured:
         finally:
             await trigger.cleanup()
 
-    PPIOHook.aget_prewarm_task = counted  # type: ignore[method-assign]
+    PPIOHook.aget_prewarm_task = counted  # type: ignore[method-assign,assignment]
     try:
         payload = asyncio.run(asyncio.wait_for(first_event(), HARD_LIMIT))
     finally:

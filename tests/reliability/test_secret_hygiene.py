@@ -46,10 +46,16 @@ def error_texts(err: BaseException) -> str:
 
 @pytest.fixture
 def connect(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """Point ``ppio_default`` at a base URL with :data:`API_KEY` (2 attempts, fast)."""
+    """Point ``ppio_default`` at a base URL with :data:`API_KEY` (2 attempts, waits give up after 1 s)."""
 
     def setter(base_url: str) -> None:
-        extra = {"timeout": 2, "max_attempts": 2, "backoff_initial": 0.01, "retry_wait_max": 0.1}
+        extra = {
+            "timeout": 2,
+            "max_attempts": 2,
+            "backoff_initial": 0.01,
+            "retry_wait_max": 0.1,
+            "unreachable_timeout": 1,
+        }
         conn = {"conn_type": "ppio", "host": base_url, "password": API_KEY, "extra": extra}
         monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", json.dumps(conn))
 

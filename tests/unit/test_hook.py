@@ -537,9 +537,9 @@ def test_retry_backoff_grows(
     with pytest.raises(PPIOServerError):
         PPIOHook().get_prewarm_task("pw-1")
     assert len(sleeps) == 3
-    # 1, 2, 4 seconds, each with up to 1 s of jitter.
+    # 1, 2, 4 seconds, each with a random half taken off (jitter that grows with the wait).
     for wait, base in zip(sleeps, (1, 2, 4), strict=True):
-        assert base <= wait <= base + 1
+        assert base / 2 <= wait <= base
 
 
 @pytest.mark.parametrize("how", ["extra", "argument"])
@@ -1004,3 +1004,19 @@ def test_key_not_in_transport_errors(
         caplog.text,
         "".join(capsys.readouterr()),
     )
+
+
+def test_an_error_the_caller_was_handling_is_not_named_as_the_cause(
+    set_conn: Callable[..., None], sleeps: list[float]
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    set_conn(host=f"http://127.0.0.1:{port}", extra={"max_attempts": 1})
+    try:
+        raise KeyError("the caller's own trouble")
+    except KeyError:
+        with pytest.raises(PPIOTransportError) as info:
+            PPIOHook().get_prewarm_task("pw-1")
+    assert "KeyError" not in str(info.value)
+    assert "refused" in str(info.value).lower()

@@ -409,7 +409,13 @@ async def test_many_waits_on_a_failing_api_each_end_on_time(
     # itself was frozen (on a machine busy with other work that delays every wait alike, blocking or not).
     late, frozen = max(ended) - deadline, sum(stall for stall in stalls if stall > 0.1)
     assert late <= poke_interval + request_timeout + 1.0 + frozen, f"{late:.1f}s late, the loop frozen {frozen:.1f}s"
-    assert {request.path for request in server.seen} == {f"{TASK_PATH}pw-{n}" for n in range(100)}
+    seen = {request.path for request in server.seen}
+    if api == "every answer is 503":
+        assert seen == {f"{TASK_PATH}pw-{n}" for n in range(100)}  # every wait asked
+    else:
+        # At most 50 requests are in flight; one that waited half its timeout for a connection is not sent at
+        # all (it fails as "never sent" and is retried), so the hanging API sees at least a pool's worth.
+        assert len(seen) >= 50
 
 
 @pytest.mark.timeout(60)
