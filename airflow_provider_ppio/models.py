@@ -1,5 +1,5 @@
 """
-Typed results of the PPIO prewarm API, and the one place that says what a status means.
+Typed results of the PPIO prewarm API (pydantic); what a status means is said in :mod:`.status`.
 
 Parsing is tolerant where the API is loosely documented (extra fields, nulls, missing optional
 fields, unknown status values) and strict where a wrong value would mislead (types of known
@@ -8,33 +8,27 @@ fields, a missing ``task_id`` or ``status``).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
-
-
-class PrewarmTaskState(enum.StrEnum):
-    """The documented values of ``status.status``."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class Outcome(enum.StrEnum):
-    """What a waiting gate should do about a prewarm task."""
-
-    WAITING = "waiting"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-TERMINAL_STATES = frozenset({PrewarmTaskState.SUCCEEDED, PrewarmTaskState.FAILED})
+from airflow_provider_ppio.status import (
+    TERMINAL_STATES as TERMINAL_STATES,
+)
+from airflow_provider_ppio.status import (
+    Outcome as Outcome,
+)
+from airflow_provider_ppio.status import (
+    PrewarmTaskState as PrewarmTaskState,
+)
+from airflow_provider_ppio.status import (
+    log_waiting as log_waiting,
+)
+from airflow_provider_ppio.status import (
+    outcome_of as outcome_of,
+)
 
 
 class _ApiModel(BaseModel):
@@ -150,43 +144,6 @@ def decide(task: PrewarmTask) -> Outcome:
     :param task: The prewarm task as last read from the API.
     """
     return outcome_of(task.status.status)
-
-
-def outcome_of(status: str) -> Outcome:
-    """
-    The only place that maps a status to what a gate does: ``succeeded`` ends the wait, ``failed``
-    fails it, and every other value (``pending``, ``running``, or one the API adds later) keeps it waiting.
-
-    :param status: The raw ``status.status`` value.
-    """
-    try:
-        state = PrewarmTaskState(status.strip().lower())
-    except ValueError:
-        return Outcome.WAITING
-    if state is PrewarmTaskState.SUCCEEDED:
-        return Outcome.SUCCEEDED
-    if state is PrewarmTaskState.FAILED:
-        return Outcome.FAILED
-    return Outcome.WAITING
-
-
-def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
-    """
-    Log that ``task`` is not finished: info for a known status, a warning for one this provider does not know.
-
-    :param log: The caller's logger (a sensor's, an operator's or a trigger's ``log``).
-    :param task: A task whose outcome is :attr:`Outcome.WAITING`.
-    :param detail: Text appended to the line (how long it has run, how often it is polled).
-    """
-    if task.state is None:
-        log.warning(
-            "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
-            task.task_id,
-            task.status.status,
-            detail,
-        )
-    else:
-        log.info("Prewarm task %s is %s%s", task.task_id, task.status.status, detail)
 
 
 def describe(err: ValidationError) -> str:

@@ -7,7 +7,6 @@ Nothing here does network I/O, so both transports (and the tests) use exactly th
 
 from __future__ import annotations
 
-import datetime
 import enum
 import ipaddress
 import json
@@ -20,7 +19,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, overload
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_ppio import __version__
@@ -141,26 +140,6 @@ def _positive(conn_id: str, options: Mapping[str, Any], name: str, default: floa
             f"Connection {conn_id!r}: extra {name!r} must be a positive {kind.__name__}, got {value!r}"
         )
     return float(number)
-
-
-@overload
-def check_seconds(name: str, value: object, *, allow_none: Literal[False] = False) -> float: ...
-@overload
-def check_seconds(name: str, value: object, *, allow_none: bool) -> float | None: ...
-def check_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    """
-    A duration given to an operator, sensor or trigger, as positive finite seconds; refuses anything else.
-
-    :param name: The parameter's name, for the message.
-    :param value: Seconds (int or float) or a ``timedelta``.
-    :param allow_none: Whether None (no limit) is acceptable.
-    """
-    if value is None and allow_none:
-        return None
-    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
-        raise PPIOInvalidInputError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(seconds)
 
 
 def normalize_base_url(conn_id: str, host: str | None) -> str:

@@ -19,6 +19,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
+from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its old home
 from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
@@ -437,17 +438,6 @@ class PPIOHook(BaseHook):
             return False
         self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
         return True
-
-
-class PPIOHookMixin:
-    """Gives an operator, sensor or trigger a lazily built :class:`PPIOHook` for its ``ppio_conn_id``."""
-
-    ppio_conn_id: str
-
-    @cached_property
-    def hook(self) -> PPIOHook:
-        """The hook, built on first use so DAG parsing does no work."""
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=getattr(self, "unreachable_timeout", None))
 
 
 def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:

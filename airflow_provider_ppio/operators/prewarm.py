@@ -32,12 +32,13 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks._shared import check_seconds
-from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
-from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting, outcome_of
+from airflow_provider_ppio.hooks import PPIOHookMixin, check_seconds
+from airflow_provider_ppio.status import Outcome, log_waiting, outcome_of
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+
+    from airflow_provider_ppio.models import PrewarmTask
 
 
 class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):

@@ -27,12 +27,13 @@ except ImportError:  # Airflow 2.11
     from airflow.exceptions import AirflowRescheduleException  # type: ignore[no-redef,attr-defined,unused-ignore]
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks._shared import check_seconds
-from airflow_provider_ppio.hooks.ppio import PPIOHookMixin
-from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
+from airflow_provider_ppio.hooks import PPIOHookMixin, check_seconds
+from airflow_provider_ppio.status import Outcome, log_waiting
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+
+    from airflow_provider_ppio.models import PrewarmTask
 
 
 class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):

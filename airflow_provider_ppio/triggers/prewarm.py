@@ -22,7 +22,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks._shared import check_seconds, prewarm_task_path
+from airflow_provider_ppio.hooks import check_seconds
+from airflow_provider_ppio.hooks._shared import prewarm_task_path
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
