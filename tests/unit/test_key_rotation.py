@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aio_server import RotatingKeyAPI, api_server
+from aio_server import RotatingKeyAPI, api_server, first_event
 
 from airflow_provider_ppio.exceptions import PPIOAuthError
 from airflow_provider_ppio.hooks.ppio import PPIOHook
@@ -173,17 +173,6 @@ async def test_the_async_hook_continues_with_the_new_key_after_one_401(
     assert (await hook.aget_prewarm_task("pw-1")).status.status == "succeeded"
     assert api.log == [(OLD_KEY, 200), (OLD_KEY, 401), (NEW_KEY, 200), (NEW_KEY, 200)]
     assert connection_reads == ["async ppio_default"] * 2
-
-
-async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
-    """Run the trigger as the triggerer does and return the payload of its first event."""
-    try:
-        async for event in trigger.run():
-            payload: dict[str, Any] = event.payload
-            return payload
-        raise AssertionError("the trigger ended without an event")
-    finally:
-        await trigger.cleanup()
 
 
 @pytest.mark.timeout(30)

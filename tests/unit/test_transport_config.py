@@ -14,7 +14,17 @@ from typing import Any
 
 import certifi
 import pytest
-from aio_server import TASKS, ApiServer, api_server, reply_bytes, reply_gzip, reply_json, task_body, warnings_in
+from aio_server import (
+    TASKS,
+    ApiServer,
+    api_server,
+    first_event,
+    reply_bytes,
+    reply_gzip,
+    reply_json,
+    task_body,
+    warnings_in,
+)
 
 from airflow_provider_ppio.exceptions import (
     PPIOBadResponseError,
@@ -56,17 +66,6 @@ def tls_emulator(ppio_emulator_tls: EmulatorServer) -> EmulatorServer:
     """The https emulator (its own throwaway CA), with task ``pw-1`` succeeded."""
     ppio_emulator_tls.control.seed_task(task_id="pw-1", state="succeeded")
     return ppio_emulator_tls
-
-
-async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
-    """Run the trigger as the triggerer does and return the payload of its first event."""
-    try:
-        async for event in trigger.run():
-            payload: dict[str, Any] = event.payload
-            return payload
-        raise AssertionError("the trigger ended without an event")
-    finally:
-        await trigger.cleanup()
 
 
 def read(path: str, task_id: str = "pw-1", **hook_kwargs: Any) -> PrewarmTask:

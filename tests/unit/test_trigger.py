@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aio_server import TASKS, ApiServer, api_server, hang, reply_json, task_body, warnings_in
+from aio_server import TASKS, ApiServer, api_server, first_event, hang, reply_json, task_body, warnings_in
 from aiohttp import web
 
 from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
@@ -60,17 +60,6 @@ def make_trigger(
 ) -> PrewarmTaskTrigger:
     deadline = None if timeout is None else time.time() + timeout
     return PrewarmTaskTrigger(prewarm_task_id=task_id, poke_interval=poke_interval, deadline=deadline, **kwargs)
-
-
-async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
-    """Run the trigger as the triggerer does and return the payload of its first event."""
-    try:
-        async for event in trigger.run():
-            payload: dict[str, Any] = event.payload
-            return payload
-        raise AssertionError("the trigger ended without an event")
-    finally:
-        await trigger.cleanup()
 
 
 async def timed_event(trigger: PrewarmTaskTrigger) -> tuple[dict[str, Any], float]:
