@@ -15,7 +15,7 @@ import pytest
 import requests
 import requests_mock as rm
 from airflow.providers.common.compat.sdk import AirflowFailException
-from conftest import install_virtual_clock
+from virtual_clock import install_virtual_clock
 
 from airflow_provider_ppio import __version__
 from airflow_provider_ppio.exceptions import (

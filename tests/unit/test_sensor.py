@@ -19,7 +19,7 @@ from airflow.providers.common.compat.sdk import (
     Param,
     PokeReturnValue,
 )
-from conftest import install_virtual_clock
+from virtual_clock import install_virtual_clock
 
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
