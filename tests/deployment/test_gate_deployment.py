@@ -160,7 +160,7 @@ def test_failed_prewarm_fails_the_run_with_the_api_message(deployment: Deploymen
     log = deployment.task_log(GATE_DAG_ID, run_id, SENSOR)
     errors = [detail for entry in log for detail in entry.get("error_detail") or []]
     assert errors, f"no exception in the sensor's log: {[entry.get('event') for entry in log]}"
-    assert errors[0]["exc_type"] == "AirflowFailException"
+    assert errors[0]["exc_type"] == "PPIOPrewarmFailedError"  # an AirflowFailException: no task retries
     assert api_message in errors[0]["exc_value"]
     assert "IMAGE_PULL_FAILED" in errors[0]["exc_value"]
 

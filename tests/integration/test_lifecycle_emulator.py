@@ -209,13 +209,26 @@ def test_lost_create_answer_is_found_instead_of_created_twice(
     assert len(creates(emulator)) == 1
 
 
-def test_quota_error_fails_the_operator_without_creating(emulator: EmulatorServer) -> None:
+def test_without_wait_for_quota_a_quota_error_fails_the_operator_without_creating(emulator: EmulatorServer) -> None:
     emulator.control.configure(quota=1, running_seconds=60)
     emulator.control.seed_task(task_id="pwt-busy", state="running")
 
     with pytest.raises(PPIOQuotaExceededError, match="5 by default"):
-        create_op().execute(make_context())
+        create_op(wait_for_quota=False).execute(make_context())
     assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-busy"]
+
+
+def test_a_create_waits_for_a_free_quota_slot_and_creates_once_one_frees(emulator: EmulatorServer) -> None:
+    emulator.control.configure(quota=1, pending_seconds=0, running_seconds=1)
+    busy = [{"state": "running", "seconds": 1}, {"state": "succeeded", "seconds": None}]
+    emulator.control.seed_task(task_id="pwt-busy", timeline=busy)  # holds the only slot for about 1 s
+
+    result = create_op().execute(make_context())
+
+    assert result["status"]["status"] == "succeeded"
+    log = [entry for entry in emulator.control.requests_log() if entry["method"] == "POST"]
+    assert any(entry["status"] == 400 for entry in log) and log[-1]["status"] != 400
+    assert len([t for t in emulator.control.tasks() if t["task_id"] != "pwt-busy"]) == 1
 
 
 def test_deferrable_create_completes_through_the_trigger(emulator: EmulatorServer) -> None:
