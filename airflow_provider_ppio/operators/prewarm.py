@@ -78,7 +78,9 @@ XCOM_PREWARM_TASK = "prewarm_task"
 #: The marker that ties a prewarm task to one Airflow task instance starts with this.
 MARKER_PREFIX = "airflow-"
 _MISSING = "<not found>"
-#: Waits for a free quota slot grow from ``poke_interval`` to this many times it, with this much jitter.
+#: Waits for a free quota slot grow from ``poke_interval`` (at least ``MIN_QUOTA_WAIT`` seconds, so a tiny
+#: interval cannot hammer the API) to ``QUOTA_BACKOFF_CAP_FACTOR`` times that, with this much jitter.
+MIN_QUOTA_WAIT = 1.0
 QUOTA_BACKOFF_CAP_FACTOR = 4
 _QUOTA_JITTER = (0.8, 1.2)
 #: ``[registry[:port]/]path[:tag][@sha256:digest]``, as container tools write image references.
@@ -447,8 +449,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         now = time.time()
         if self._quota_since is None:
             self._quota_since = now
-        cap = self.poke_interval * QUOTA_BACKOFF_CAP_FACTOR
-        wait = min(self.poke_interval * 2**self._quota_attempt, cap) * random.uniform(*_QUOTA_JITTER)
+        first = max(self.poke_interval, MIN_QUOTA_WAIT)
+        wait = min(first * 2**self._quota_attempt, first * QUOTA_BACKOFF_CAP_FACTOR) * random.uniform(*_QUOTA_JITTER)
         self._quota_attempt += 1
         waited = now - self._quota_since
         if self._deadline is not None:
