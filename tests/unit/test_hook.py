@@ -1009,10 +1009,7 @@ def test_key_not_in_transport_errors(
 def test_an_error_the_caller_was_handling_is_not_named_as_the_cause(
     set_conn: Callable[..., None], sleeps: list[float]
 ) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    set_conn(host=f"http://127.0.0.1:{port}", extra={"max_attempts": 1})
+    set_conn(host=f"http://127.0.0.1:{unused_port()}", extra={"max_attempts": 1})
     try:
         raise KeyError("the caller's own trouble")
     except KeyError:

@@ -608,13 +608,13 @@ async def test_waiting_for_a_pooled_connection_counts_in_the_timeout(server: Api
 async def test_an_error_the_caller_was_handling_is_not_named_as_the_cause_async(
     set_conn: Callable[..., None],
 ) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    set_conn(host=f"http://127.0.0.1:{port}", extra={"max_attempts": 1})
+    url, port_holder = refused_url()
+    set_conn(host=url, extra={"max_attempts": 1})
     try:
         raise KeyError("the caller's own trouble")
     except KeyError:
         with pytest.raises(PPIOTransportError) as info:
             await PPIOHook().aget_prewarm_task("pw-1")
+    finally:
+        port_holder.close()
     assert "KeyError" not in str(info.value)
