@@ -770,18 +770,9 @@ def run_trigger(deadline: float) -> Measured:
         polls += 1
         return await original(hook, task_id, **kwargs)
 
-    async def first_event() -> dict[str, Any]:
-        try:
-            async for event in trigger.run():
-                payload: dict[str, Any] = event.payload
-                return payload
-            raise AssertionError("the trigger ended without an event")
-        finally:
-            await trigger.cleanup()
-
     PPIOHook.aget_prewarm_task = counted  # type: ignore[method-assign,assignment]
     try:
-        payload = asyncio.run(asyncio.wait_for(first_event(), HARD_LIMIT))
+        payload = asyncio.run(asyncio.wait_for(first_event(trigger), HARD_LIMIT))
     finally:
         PPIOHook.aget_prewarm_task = original  # type: ignore[method-assign]
     status = str(payload.get("status"))
@@ -928,3 +919,14 @@ def excerpt(message: str, around: str, width: int = 110) -> str:
     start = max(0, min(text.find(around) - 20, len(text) - width)) if around in text else 0
     cut = text[start : start + width]
     return ("…" if start else "") + cut + ("…" if start + width < len(text) else "")
+
+
+async def first_event(trigger: Any) -> dict[str, Any]:
+    """Run a trigger as the triggerer does and return the payload of its first event."""
+    try:
+        async for event in trigger.run():
+            payload: dict[str, Any] = event.payload
+            return payload
+        raise AssertionError("the trigger ended without an event")
+    finally:
+        await trigger.cleanup()

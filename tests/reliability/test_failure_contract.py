@@ -45,6 +45,7 @@ from airflow.providers.common.compat.sdk import (
 )
 from contract import CREATE_MODES, FAIL, ROW_BY_KEY, SKIP, WAIT, Cell, Row, cell, cells
 from faultserver import FaultServer, RefusedPort, respond
+from matrix import first_event
 from packaging.version import Version
 
 try:
@@ -309,17 +310,7 @@ def run_trigger(trigger: Any) -> dict[str, Any]:
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
-
-    async def first_event() -> dict[str, Any]:
-        try:
-            async for event in rebuilt.run():
-                payload: dict[str, Any] = event.payload
-                return payload
-            raise AssertionError("the trigger ended without an event")
-        finally:
-            await rebuilt.cleanup()
-
-    return asyncio.run(asyncio.wait_for(first_event(), 30))
+    return asyncio.run(asyncio.wait_for(first_event(rebuilt), 30))
 
 
 def _timeout_for(row: Row) -> float:
