@@ -69,7 +69,8 @@ stamp_file=$venv/.bootstrap-stamp
 stamp=$(
     {
         echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION $override"
-        cat scripts/bootstrap.sh pyproject.toml "$constraints" "${reqs[@]}"
+        # The package version (installed metadata) is read from __init__.py: a bump must reinstall.
+        cat scripts/bootstrap.sh pyproject.toml airflow_provider_ppio/__init__.py "$constraints" "${reqs[@]}"
     } | sha256sum | cut -d' ' -f1
 )
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
