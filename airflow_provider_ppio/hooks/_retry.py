@@ -1,20 +1,25 @@
 """
-The one retry policy of both transports (``tenacity.Retrying`` and ``AsyncRetrying``).
+The one retry policy of both transports, on ``tenacity.Retrying``.
 
-Kept apart from :mod:`._shared` so that importing an operator or sensor (every DAG parse) does not
-import tenacity; the transports import it when a call is made.
+Kept apart from :mod:`._shared`, which the trigger module imports at DAG parse time, so that parsing a
+DAG does not import tenacity.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sys
 import time
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import DoAttempt, DoSleep, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from airflow_provider_ppio.exceptions import PPIOError, PPIORateLimitError, PPIOTransportError, PPIOUnreachableError
 from airflow_provider_ppio.hooks._shared import ClientSettings, Patience
+
+T = TypeVar("T")
 
 
 class WarningLogger(Protocol):
@@ -60,7 +65,7 @@ def retry_arguments(
     patience: Patience | None = None,
 ) -> dict[str, Any]:
     """
-    Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying``: the one policy of both transports.
+    Keyword arguments for ``tenacity.Retrying``: the one policy of both transports.
 
     Transient errors (network, timeouts, 429, 5xx) are retried after :func:`backoff`, or
     after what a 429's ``Retry-After`` asks (capped at ``retry_wait_max``). A one-off call stops after
@@ -121,6 +126,32 @@ def retry_arguments(
         "before_sleep": before_sleep,
         "reraise": True,
     }
+
+
+async def retry_async(policy: dict[str, Any], attempt: Callable[[], Awaitable[T]]) -> T:
+    """
+    Run ``attempt`` under ``policy`` in the event loop: ``tenacity.Retrying``'s own decisions, with the waits
+    awaited. ``AsyncRetrying`` would do the same but inspect every callback again on every call, and every
+    trigger poll is one call.
+
+    :param policy: What :func:`retry_arguments` returns.
+    :param attempt: One try (a new coroutine per call).
+    """
+    retrying = Retrying(**policy)
+    retrying.begin()
+    state = RetryCallState(retrying, fn=None, args=(), kwargs={})
+    while True:
+        action = retrying.iter(retry_state=state)
+        if isinstance(action, DoAttempt):
+            try:
+                state.set_result(await attempt())
+            except BaseException:  # the policy decides; what it does not retry, iter() raises
+                state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+        elif isinstance(action, DoSleep):
+            state.prepare_for_next_attempt()
+            await asyncio.sleep(action)
+        else:
+            return action  # type: ignore[no-any-return]
 
 
 def gave_up(error: PPIOError, patience: Patience, where: str) -> PPIOError:

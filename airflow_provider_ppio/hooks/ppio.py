@@ -6,10 +6,13 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from functools import cached_property, partial
+from typing import Any
 
+import requests
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
+from tenacity import Retrying
 
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
@@ -20,6 +23,8 @@ from airflow_provider_ppio.exceptions import (
 )
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
 from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its old home
+from airflow_provider_ppio.hooks import _async, _sync
+from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments, retry_async
 from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
@@ -37,9 +42,6 @@ from airflow_provider_ppio.models import (
     PrewarmTaskPage,
     created_task_id,
 )
-
-if TYPE_CHECKING:
-    import requests
 
 #: Ids per DELETE request (the API documents no limit; this keeps each body small).
 DELETE_BATCH_SIZE = 100
@@ -311,9 +313,6 @@ class PPIOHook(BaseHook):
     @cached_property
     def session(self) -> requests.Session:
         """One keep-alive ``requests.Session`` per hook (TLS and proxy from :attr:`settings`)."""
-        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
-        from airflow_provider_ppio.hooks import _sync
-
         return _sync.new_session(self.settings)
 
     def request(
@@ -342,12 +341,6 @@ class PPIOHook(BaseHook):
         :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         :param settings: Use these instead of the connection's (e.g. fewer attempts).
         """
-        # requests, urllib3 and tenacity are only needed when a call is made, not when a DAG is parsed.
-        from tenacity import Retrying
-
-        from airflow_provider_ppio.hooks import _sync
-        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
-
         api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
         for rotation in (False, True):
             current = settings or self.settings
@@ -390,11 +383,6 @@ class PPIOHook(BaseHook):
         :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
         :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         """
-        from tenacity import AsyncRetrying
-
-        from airflow_provider_ppio.hooks import _async
-        from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments
-
         api_url(await self.aget_settings(), path)
         for rotation in (False, True):
             settings = await self.aget_settings()
@@ -402,11 +390,10 @@ class PPIOHook(BaseHook):
             policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
             try:
                 async with _async.SHARED_SESSIONS.lease(settings) as session:
-                    async for attempt in AsyncRetrying(**policy):
-                        with attempt:
-                            return await _async.send(
-                                session, settings, method, path, params=params, json=json, allow_empty=allow_empty
-                            )
+                    attempt = partial(
+                        _async.send, session, settings, method, path, params=params, json=json, allow_empty=allow_empty
+                    )
+                    return await retry_async(policy, attempt)
             except PPIOAuthError as err:
                 if rotation or err.http_status != 401 or not await self._akey_rotated():
                     raise
@@ -490,8 +477,6 @@ class _SharedConnectionLookups:
 
     @staticmethod
     async def _lookup(hook: PPIOHook) -> _ConnectionFields:
-        from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
-
         conn = await get_async_connection(hook.ppio_conn_id, hook)
         extra = await get_async_extra_dejson(conn)
         if conn.password and conn.password.strip():

@@ -47,6 +47,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.hooks import _async
+from airflow_provider_ppio.hooks import ppio as ppio_hook_module
 from airflow_provider_ppio.hooks._async import SHARED_SESSIONS, SharedSessions
 from airflow_provider_ppio.hooks._shared import MAX_BODY_BYTES, ClientSettings, TLSSettings
 from airflow_provider_ppio.hooks.ppio import PPIOHook
@@ -69,12 +70,12 @@ def hook(server: ApiServer, set_conn: Callable[..., None]) -> PPIOHook:
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every wait between async retries (tenacity's ``asyncio.sleep``), recorded instead of waited."""
+    """Every wait between async retries (the retry loop's ``asyncio.sleep``), recorded instead of waited."""
     waited: list[float] = []
     real_sleep = asyncio.sleep
 
     def fake_sleep(seconds: float, *args: Any, **kwargs: Any) -> Any:
-        if not sys._getframe(1).f_globals.get("__name__", "").startswith("tenacity"):
+        if sys._getframe(1).f_globals.get("__name__") != "airflow_provider_ppio.hooks._retry":
             return real_sleep(seconds, *args, **kwargs)  # not a retry wait (e.g. the server's own loop)
         waited.append(seconds)
         return real_sleep(0)
@@ -381,10 +382,8 @@ async def test_concurrent_lookups_of_a_connection_are_shared_but_not_kept(
     set_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a triggerer restart does: every resumed trigger's hook looks the same connection up at once.
-    from airflow.providers.common.compat import connection
-
     set_conn("ppio_shared", extra={"max_attempts": 2})
-    real = connection.get_async_connection
+    real = ppio_hook_module.get_async_connection
     lookups: list[str] = []
 
     async def counted(conn_id: str, hook: Any = None) -> Any:
@@ -392,7 +391,7 @@ async def test_concurrent_lookups_of_a_connection_are_shared_but_not_kept(
         await asyncio.sleep(0.05)
         return await real(conn_id, hook)
 
-    monkeypatch.setattr(connection, "get_async_connection", counted)
+    monkeypatch.setattr(ppio_hook_module, "get_async_connection", counted)
     hooks = [PPIOHook("ppio_shared", max_attempts=n) for n in range(1, 201)]
     impatient = asyncio.create_task(hooks[0].aget_settings())
     await asyncio.sleep(0)
