@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from param_tables import REQUIRED, pages, render
 
 
@@ -11,8 +13,13 @@ def test_every_documented_class_has_exactly_one_table() -> None:
 
 
 def test_the_tables_match_the_code() -> None:
-    stale = [str(page) for page, blocks in pages().items() if any(now != wanted for now, wanted in blocks)]
-    assert not stale, f"stale parameter tables in {stale}: run python tests/docs/param_tables.py"
+    diffs = [
+        "".join(difflib.unified_diff(now.splitlines(True), wanted.splitlines(True), str(page), "the code"))
+        for page, blocks in pages().items()
+        for now, wanted in blocks
+        if now != wanted
+    ]
+    assert not diffs, "stale parameter tables (run python tests/docs/param_tables.py):\n" + "\n".join(diffs)
 
 
 def test_the_sensor_table_shows_the_inherited_defaults() -> None:
