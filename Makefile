@@ -58,7 +58,7 @@ e2e: venv-af2 venv-af3
 
 # The docs site into site/, every warning an error; plot.py must still draw from the recorded results.
 docs: venv-docs
-	@$(VENVS)/docs/bin/python benchmarks/plot.py --out-dir "$$(mktemp -d)" >/dev/null
+	@$(VENVS)/docs/bin/python benchmarks/plot.py --out-dir site/plot-check >/dev/null  # mkdocs then cleans site/
 	NO_MKDOCS_2_WARNING=1 $(VENVS)/docs/bin/mkdocs build --strict
 
 # Redraw docs/img/*.png from benchmarks/results/*.json (no benchmark runs).
