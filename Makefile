@@ -3,8 +3,8 @@
 #   make demo      gated deployment DAG, run end to end against the offline PPIO emulator (Airflow 3.3)
 #   make test      lint + mypy, the whole test suite on Airflow 2.11 and on Airflow 3.3, the sync transport on urllib3 1.26
 #
-# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | clean.
-# Extra pytest arguments: make test-af3 PYTEST_ARGS="-k sensor -x".
+# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | docs | plots | clean.
+# Extra pytest arguments: make test-af3 PYTEST_ARGS="-m 'not e2e' -x".
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -15,7 +15,7 @@ export PYTHON VENVS PYTEST_ARGS
 AF2 := $(VENVS)/af2/bin
 AF3 := $(VENVS)/af3/bin
 
-.PHONY: help demo test venvs venv-af2 venv-af3 venv-af2-urllib3 lint format test-af2 test-af3 e2e clean
+.PHONY: help demo test venvs venv-af2 venv-af3 venv-af2-urllib3 venv-docs lint format test-af2 test-af3 e2e docs plots clean
 
 help:
 	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
@@ -28,6 +28,9 @@ venv-af3:
 
 venv-af2-urllib3:
 	@scripts/bootstrap.sh af2-urllib3
+
+venv-docs:
+	@scripts/bootstrap.sh docs
 
 venvs: venv-af2 venv-af3 venv-af2-urllib3
 
@@ -53,5 +56,14 @@ test-af3: venv-af3
 e2e: venv-af2 venv-af3
 	@PYTEST_ARGS="-m e2e $(PYTEST_ARGS)" scripts/test.sh af2 af3
 
+# The docs site into site/, every warning an error; plot.py must still draw from the recorded results.
+docs: venv-docs
+	@$(VENVS)/docs/bin/python benchmarks/plot.py --out-dir site/plot-check >/dev/null  # mkdocs then cleans site/
+	NO_MKDOCS_2_WARNING=1 $(VENVS)/docs/bin/mkdocs build --strict
+
+# Redraw docs/img/*.png from benchmarks/results/*.json (no benchmark runs).
+plots: venv-docs
+	$(VENVS)/docs/bin/python benchmarks/plot.py
+
 clean:
-	rm -rf $(VENVS) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENVS) site .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -65,9 +65,9 @@ class PrewarmTaskStatus(_ApiModel):
     """
     The ``status`` object of a prewarm task.
 
-    :param status: The lifecycle value; unknown values are kept as they came.
-    :param error: Error code or type, empty when none.
-    :param message: Status description or error message, empty when none.
+    :ivar status: The lifecycle value; unknown values are kept as they came.
+    :ivar error: Error code or type, empty when none.
+    :ivar message: Status description or error message, empty when none.
     """
 
     status: str

@@ -20,16 +20,19 @@ Usage::
 
     python benchmarks/poke_cost.py                      # both servers, 500 pokes x 20 rounds
     python benchmarks/poke_cost.py --ablation --profile 2000   # what docs/benchmarks.md shows
+    python benchmarks/poke_cost.py --json poke.json         # + the figures as JSON, for benchmarks/plot.py
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -216,24 +219,42 @@ def ratio(results: dict[str, dict[str, list[float]]], name: str, other: str, wha
     return median([ours / theirs for ours, theirs in zip(results[name][what], results[other][what], strict=True)])
 
 
-def report(kind: str, results: dict[str, dict[str, list[float]]], load: str) -> str:
-    """A Markdown table of one server's medians, ratios and targets."""
-    rows = [
-        [
-            name,
-            f"{median(entry['cpu']) * 1e6:.0f}",
-            f"{median(entry['wall']) * 1e6:.0f}",
-            f"{ratio(results, name, 'http', 'cpu'):.2f}",
-            f"{ratio(results, name, 'floor', 'cpu'):.2f}",
-            f"{ratio(results, name, 'http', 'wall'):.2f}",
-            f"{ratio(results, name, 'floor', 'wall'):.2f}",
-            f"{median(entry['connects']):.2f}" if entry["connects"] else "n/a",
-        ]
+def summary(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Per contender: median CPU and wall microseconds per poke, the ratios, TCP connects per poke (or None)."""
+    return [
+        {
+            "contender": name,
+            "cpu_us": median(entry["cpu"]) * 1e6,
+            "wall_us": median(entry["wall"]) * 1e6,
+            "cpu_per_http": ratio(results, name, "http", "cpu"),
+            "cpu_per_floor": ratio(results, name, "floor", "cpu"),
+            "wall_per_http": ratio(results, name, "http", "wall"),
+            "wall_per_floor": ratio(results, name, "floor", "wall"),
+            "connects_per_poke": median(entry["connects"]) if entry["connects"] else None,
+        }
         for name, entry in results.items()
     ]
+
+
+def report(kind: str, rows: list[dict[str, Any]], load: str) -> str:
+    """A Markdown table of one server's medians, ratios and targets (``rows`` from :func:`summary`)."""
+    cells = [
+        [
+            row["contender"],
+            f"{row['cpu_us']:.0f}",
+            f"{row['wall_us']:.0f}",
+            f"{row['cpu_per_http']:.2f}",
+            f"{row['cpu_per_floor']:.2f}",
+            f"{row['wall_per_http']:.2f}",
+            f"{row['wall_per_floor']:.2f}",
+            "n/a" if row["connects_per_poke"] is None else f"{row['connects_per_poke']:.2f}",
+        ]
+        for row in rows
+    ]
+    ppio = next(row for row in rows if row["contender"] == "ppio")
     verdicts = []
     for other, limit in TARGETS.items():
-        cpu_ratio, wall_ratio = ratio(results, "ppio", other, "cpu"), ratio(results, "ppio", other, "wall")
+        cpu_ratio, wall_ratio = ppio[f"cpu_per_{other}"], ppio[f"wall_per_{other}"]
         ok = "met" if max(cpu_ratio, wall_ratio) <= limit else "MISSED"
         verdicts.append(f"ppio/{other} <= {limit}: CPU {cpu_ratio:.2f}, wall {wall_ratio:.2f} ({ok})")
     headers = [
@@ -248,7 +269,7 @@ def report(kind: str, results: dict[str, dict[str, list[float]]], load: str) -> 
     ]
     return (
         f"### Server: {kind} (load average during run: {load})\n\n"
-        + table(headers, rows)
+        + table(headers, cells)
         + "\n\nTargets: "
         + "; ".join(verdicts)
         + "\n"
@@ -321,21 +342,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N pokes (minimal)")
     parser.add_argument("--ablation", action="store_true", help="also time the sensor as it was before each fix")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (benchmarks/plot.py draws it)")
     args = parser.parse_args(argv)
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="ppio-bench-home-"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     import airflow
 
+    command = f"python benchmarks/poke_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     print(f"## Poke cost\n\nMachine: {machine()}; Airflow {airflow.__version__}")
-    print(f"Command: python benchmarks/poke_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"Command: {command}")
     print(
         f"{args.pokes} pokes x {args.rounds} rounds per contender, each batch after {args.warmup} warm-up pokes;"
         " medians over rounds; ratios are medians of the per-round ratios.\n"
     )
+    servers = []
     for kind in args.servers.split(","):
         with server_process(kind) as server, LoadSampler() as load:
             results = measure(server, pokes=args.pokes, warmup=args.warmup, rounds=args.rounds, ablation=args.ablation)
-        print(report(kind, results, load.summary()), flush=True)
+        rows = summary(results)
+        servers.append({"server": kind, "load": load.summary(), "contenders": rows})
+        print(report(kind, rows, load.summary()), flush=True)
+    if args.json:
+        run = {
+            "benchmark": "poke_cost",
+            "label": f"Airflow {airflow.__version__}, {datetime.date.today().isoformat()}",
+            "source": f"{command}; {machine()}",
+            "airflow": airflow.__version__,
+            "servers": servers,
+        }
+        Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
     if args.profile:
         with server_process("minimal") as server:
             print(profile(server, args.profile), flush=True)

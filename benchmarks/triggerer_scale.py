@@ -38,6 +38,7 @@ Usage::
     .venvs/af3/bin/python benchmarks/triggerer_scale.py --counts 1000 --schemes https --repeats 1   # a quick look
     .venvs/af3/bin/python benchmarks/triggerer_scale.py --counts --outage 503 hang   # outage runs only
     .venvs/af3/bin/python benchmarks/triggerer_scale.py --write-docs  # also update docs/benchmarks.md
+    .venvs/af3/bin/python benchmarks/triggerer_scale.py --json runs.json   # + every run as JSON, for plot.py
 """
 
 from __future__ import annotations
@@ -749,6 +750,7 @@ def main() -> None:
     parser.add_argument("--outage-deadline", type=float, default=6.0, help="seconds from start to every deadline")
     parser.add_argument("--outage-timeout", type=float, default=2.0, help="the connection's timeout extra")
     parser.add_argument("--write-docs", action="store_true", help=f"update the {SECTION!r} section of {DOCS}")
+    parser.add_argument("--json", metavar="PATH", help="also write every run as JSON (benchmarks/plot.py draws it)")
     args = parser.parse_args()
 
     import airflow
@@ -801,6 +803,15 @@ def main() -> None:
         "(the machine was shared with other work, so absolute CPU figures carry noise; both triggers ran in the "
         "same conditions)."
     )
+    if args.json:
+        run = {
+            "benchmark": "triggerer_scale",
+            "label": f"Airflow {airflow.__version__}, {datetime.date.today().isoformat()}",
+            "source": f"{command.strip()}; {context}",
+            "results": [asdict(result) for result in results],
+            "outages": [asdict(outage) for outage in outages],
+        }
+        Path(args.json).write_text(json.dumps(run, indent=2) + "\n")
     if results:
         section = render(
             summarize(results),

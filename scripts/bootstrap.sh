@@ -4,10 +4,12 @@
 #   scripts/bootstrap.sh af3     # Airflow 3.3 + test deps + lint tools (ruff, mypy, schemathesis)
 #   scripts/bootstrap.sh af2     # Airflow 2.11 + test deps
 #   scripts/bootstrap.sh af2-urllib3   # the same with the oldest urllib3 the package allows (1.26)
+#   scripts/bootstrap.sh docs    # the docs site's tools (mkdocs-material, mkdocstrings, matplotlib); no Airflow
 #
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
 # installed and the script returns at once. Environment: VENVS (default .venvs), PYTHON (default python3).
+# Portable to macOS: hashing and locking go through python3, not sha256sum and flock.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,7 +31,9 @@ case "$name" in
          reqs=(requirements/test.txt); override="urllib3==$URLLIB3_OLDEST" ;;
     af3) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
          reqs=(requirements/test.txt requirements/lint.txt) ;;
-    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3 or af3)" >&2; exit 2 ;;
+    # The docs build reads the package's source statically (griffe): no Airflow, no project install.
+    docs) airflow=""; constraints=requirements/docs.txt; reqs=() ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3 or docs)" >&2; exit 2 ;;
 esac
 
 say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
@@ -50,7 +54,7 @@ export UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1
 tools=$VENVS/tools
 mkdir -p "$VENVS"
 (
-    flock 9
+    "$PYTHON" -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX)'  # held by this subshell's fd 9 until it ends
     if ! "$tools/bin/uv" --version 2>/dev/null | grep -q " $UV_VERSION"; then
         say "creating $tools with uv $UV_VERSION"
         if [ ! -x "$tools/bin/pip" ] && ! "$PYTHON" -m venv "$tools"; then
@@ -70,8 +74,8 @@ stamp=$(
     {
         echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION $override"
         # The package version (installed metadata) is read from __init__.py: a bump must reinstall.
-        cat scripts/bootstrap.sh pyproject.toml airflow_provider_ppio/__init__.py "$constraints" "${reqs[@]}"
-    } | sha256sum | cut -d' ' -f1
+        cat scripts/bootstrap.sh pyproject.toml airflow_provider_ppio/__init__.py "$constraints" ${reqs[@]+"${reqs[@]}"}
+    } | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
 )
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
     say "up to date ($venv)"
@@ -83,9 +87,16 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating $venv"
     "$uv" venv --quiet --python "$interpreter" "$venv"
 fi
+if [ "$name" = docs ]; then
+    say "installing the docs tools ($constraints)"
+    "$uv" pip install --quiet --python "$venv/bin/python" -r "$constraints"
+    echo "$stamp" >"$stamp_file"
+    say "ready in $((SECONDS - start))s ($venv)"
+    exit 0
+fi
 say "installing $airflow, test dependencies and the project (editable, [emulator])"
 req_args=()
-for req in "${reqs[@]}"; do req_args+=(-r "$req"); done
+for req in ${reqs[@]+"${reqs[@]}"}; do req_args+=(-r "$req"); done
 if [ -n "$override" ]; then
     # The constraints pin the overridden package too: drop that pin, then force the override.
     package=${override%%==*}

@@ -8,7 +8,9 @@
 #
 # Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
 # when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
-# come from PYTEST_ARGS. The venvs must exist (make venvs).
+# come from PYTEST_ARGS, split as the shell splits words, so quotes group: PYTEST_ARGS="-m 'not e2e' -x".
+# The venvs must exist (make venvs). Runs on Linux and macOS (bash 3.2 or newer); the whole-line time limit
+# needs GNU timeout (`timeout`, or `gtimeout` from Homebrew's coreutils) and is left out without it.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,6 +20,15 @@ PYTEST_ARGS=${PYTEST_ARGS:-}
 # cannot eat CI's 90 minutes and the summary still gets printed.
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300}
 PYTEST_LINE_TIMEOUT=${PYTEST_LINE_TIMEOUT:-1800}
+# shellcheck disable=SC2294 # eval on purpose: the quotes in PYTEST_ARGS group words, as on a command line
+eval "pytest_args=($PYTEST_ARGS)" || { echo "test.sh: cannot split PYTEST_ARGS: $PYTEST_ARGS" >&2; exit 2; }
+line_timeout=()
+for candidate in timeout gtimeout; do
+    if "$candidate" --version 2>/dev/null | grep -q GNU; then
+        line_timeout=("$candidate" --foreground --kill-after=30 "$PYTEST_LINE_TIMEOUT")
+        break
+    fi
+done
 [ $# -gt 0 ] || set -- all
 [ "$1" = all ] && set -- lint af3 af2 urllib3
 
@@ -73,10 +84,12 @@ pytest_line() {  # pytest_line <venv name> [test paths...]
     log=$logs/pytest-$name.log
     ran_pytest=1
     echo "==> pytest on Airflow $version ($name)"
-    # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words on purpose
+    [ ${#line_timeout[@]} -gt 0 ] || echo "(no GNU timeout found: PYTEST_LINE_TIMEOUT does not apply)"
+    # ${a[@]+"${a[@]}"}: an empty array under set -u on bash 3.2 (macOS)
     AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
-        timeout --foreground --kill-after=30 "$PYTEST_LINE_TIMEOUT" \
-        "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" $PYTEST_ARGS "${paths[@]}" 2>&1 | tee "$log"
+        ${line_timeout[@]+"${line_timeout[@]}"} \
+        "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" \
+        ${pytest_args[@]+"${pytest_args[@]}"} ${paths[@]+"${paths[@]}"} 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     closing=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
     total_passed=$((total_passed + $(count passed "$closing")))

@@ -7,11 +7,13 @@ behaviour, such as the sensor reusing its connection between pokes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,10 +40,20 @@ def table_row(output: str, first_cell: str) -> list[str]:
     return [cell.strip() for cell in match.group(1).split("|")]
 
 
+def plot_module() -> Any:
+    """``benchmarks/plot.py``: its readers need only the standard library (drawing needs matplotlib)."""
+    spec = importlib.util.spec_from_file_location("benchmarks_plot", BENCHMARKS / "plot.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.timeout(240)
-def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
+def test_poke_cost_compares_the_three_contenders_over_real_http(tmp_path: Path) -> None:
     output = run_script(
-        "poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1", "--ablation"
+        *("poke_cost.py", "--servers", "minimal,emulator", "--pokes", "3", "--warmup", "1", "--rounds", "1"),
+        *("--ablation", "--json", str(tmp_path / "poke.json")),
     )
 
     assert "### Server: minimal" in output and "### Server: emulator" in output
@@ -53,6 +65,12 @@ def test_poke_cost_compares_the_three_contenders_over_real_http() -> None:
     assert table_row(output, "ppio cold")[-1] == "1.00"
     assert table_row(output, "http")[-1] == "1.00"
     assert "Targets: ppio/http <= 0.6" in output
+    # The JSON holds the table's figures, in the shape benchmarks/plot.py draws.
+    plot = plot_module()
+    series = plot.poke_series(plot.load(tmp_path / "poke.json", "poke_cost"))
+    assert list(series) == ["minimal", "emulator"]
+    ppio = next(row for row in series["minimal"] if row[0] == "ppio")
+    assert f"{ppio[1]:.0f}" == table_row(output, "ppio")[0]
 
 
 @pytest.mark.timeout(240)
@@ -95,13 +113,23 @@ def test_async_transport_compares_three_clients_on_one_keep_alive_connection() -
 
 
 @pytest.mark.timeout(240)
-def test_triggerer_scale_runs_both_triggers_and_every_wait_fires() -> None:
-    output = run_script("triggerer_scale.py", "--counts", "5", "--repeats", "1", "--interval", "0.2", "--rounds", "1")
+def test_triggerer_scale_runs_both_triggers_and_every_wait_fires(tmp_path: Path) -> None:
+    output = run_script(
+        *("triggerer_scale.py", "--counts", "5", "--repeats", "1", "--interval", "0.2", "--rounds", "1"),
+        *("--json", str(tmp_path / "runs.json")),
+    )
 
     ours, theirs = rows_with(output, "`PrewarmTaskTrigger`"), rows_with(output, "`HttpSensorTrigger`")
     assert [row[0] for row in ours] == ["https", "http"] and [row[0] for row in theirs] == ["https", "http"]
     for row in ours + theirs:
         assert row[7] == "0", row  # events lost
+    # Every run is in the JSON, in the shape benchmarks/plot.py draws (N, RSS, CPU per poll, lost).
+    plot = plot_module()
+    series = plot.growth_series(plot.load(tmp_path / "runs.json", "triggerer_scale"))
+    assert sorted(series) == [(s, k) for s in ("http", "https") for k in ("HttpSensorTrigger", "PrewarmTaskTrigger")]
+    for points in series.values():
+        ((count, rss, cpu, lost),) = points
+        assert count == 5 and rss > 0 and cpu > 0 and lost == 0
 
 
 @pytest.mark.timeout(240)
