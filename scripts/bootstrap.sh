@@ -4,6 +4,7 @@
 #   scripts/bootstrap.sh af3     # Airflow 3.3 + test deps + lint tools (ruff, mypy, schemathesis)
 #   scripts/bootstrap.sh af2     # Airflow 2.11 + test deps
 #   scripts/bootstrap.sh af2-urllib3   # the same with the oldest urllib3 the package allows (1.26)
+#   scripts/bootstrap.sh tools   # only the tools venv (uv), for scripts that build venvs of their own
 #
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
@@ -29,7 +30,8 @@ case "$name" in
          reqs=(requirements/test.txt); override="urllib3==$URLLIB3_OLDEST" ;;
     af3) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
          reqs=(requirements/test.txt requirements/lint.txt) ;;
-    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3 or af3)" >&2; exit 2 ;;
+    tools) ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3 or tools)" >&2; exit 2 ;;
 esac
 
 say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
@@ -63,6 +65,7 @@ mkdir -p "$VENVS"
     fi
 ) 9>"$VENVS/.tools.lock"
 uv=$tools/bin/uv
+[ "$name" != tools ] || exit 0
 
 venv=$VENVS/$name
 stamp_file=$venv/.bootstrap-stamp
