@@ -3,7 +3,7 @@
 #   make demo      gated deployment DAG, run end to end against the offline PPIO emulator (Airflow 3.3)
 #   make test      lint + mypy, the whole test suite on Airflow 2.11 and on Airflow 3.3, the sync transport on urllib3 1.26
 #
-# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | docs | plots | clean.
+# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | docs | plots | test-wheel | clean.
 # Extra pytest arguments: make test-af3 PYTEST_ARGS="-m 'not e2e' -x".
 
 SHELL := /bin/bash
@@ -15,7 +15,7 @@ export PYTHON VENVS PYTEST_ARGS
 AF2 := $(VENVS)/af2/bin
 AF3 := $(VENVS)/af3/bin
 
-.PHONY: help demo test venvs venv-af2 venv-af3 venv-af2-urllib3 venv-docs lint format test-af2 test-af3 e2e docs plots clean
+.PHONY: help demo test test-wheel venvs venv-af2 venv-af3 venv-af2-urllib3 venv-docs lint format test-af2 test-af3 e2e docs plots clean
 
 help:
 	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
@@ -53,6 +53,9 @@ test-af2: venv-af2
 test-af3: venv-af3
 	@scripts/test.sh af3
 
+test-wheel:
+	@scripts/test_wheel.sh
+
 e2e: venv-af2 venv-af3
 	@PYTEST_ARGS="-m e2e $(PYTEST_ARGS)" scripts/test.sh af2 af3
 
@@ -66,4 +69,4 @@ plots: venv-docs
 	$(VENVS)/docs/bin/python benchmarks/plot.py
 
 clean:
-	rm -rf $(VENVS) site .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENVS) site dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,6 +6,10 @@ from typing import Any
 
 from airflow_provider_ppio import __version__
 
+PACKAGE_NAME = "airflow-provider-ppio"
+#: Every release, newest first (``versions`` in the provider info); CHANGELOG.md has a section for each.
+VERSIONS: tuple[str, ...] = (__version__, "0.1.0")
+
 HOOK_CLASS_NAME = "airflow_provider_ppio.hooks.ppio.PPIOHook"
 CONNECTION_TYPE = "ppio"
 DEFAULT_CONN_ID = "ppio_default"
@@ -37,27 +41,56 @@ CONN_FIELDS: dict[str, Any] = {
 }
 
 _INTEGRATION = "PPIO"
+#: How-to guides, relative to the repository root (the integration's ``how-to-guide``).
+HOW_TO_GUIDES: tuple[str, ...] = ("README.md", "docs/lifecycle.md", "docs/deployment.md", "docs/emulator.md")
+
+
+def _modules(*modules: str) -> list[dict[str, Any]]:
+    return [{"integration-name": _INTEGRATION, "python-modules": list(modules)}]
+
+
+def dependencies() -> list[str]:
+    """
+    The install requirements of the installed distribution, extras left out.
+
+    They come from ``pyproject.toml`` (through the package metadata), so the minimum Airflow version is declared
+    in one place. Empty when the package is imported from a source tree that was never installed.
+    """
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requires = [Requirement(req) for req in importlib.metadata.requires(PACKAGE_NAME) or []]
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return [str(req) for req in requires if req.marker is None or "extra" not in str(req.marker)]
 
 
 def get_provider_info() -> dict[str, Any]:
     """Describe the provider, its modules and its connection type to Airflow."""
     return {
-        "package-name": "airflow-provider-ppio",
+        "package-name": PACKAGE_NAME,
         "name": "PPIO",
         "description": "PPIO / Novita AI GPU cloud: wait for and manage image prewarm tasks.",
-        "versions": [__version__],
+        # Not in Airflow's runtime schema (which allows extra keys); official providers carried both from their
+        # provider.yaml: releases newest first, and the install requirements (apache-airflow>=... among them).
+        "versions": list(VERSIONS),
+        "dependencies": dependencies(),
         "integrations": [
             {
                 "integration-name": _INTEGRATION,
                 "external-doc-url": "https://ppio.com/docs/gpus/image/reference-v2-get-image-prewarm",
+                "how-to-guide": list(HOW_TO_GUIDES),
                 "tags": ["service"],
             }
         ],
-        "hooks": [{"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_ppio.hooks.ppio"]}],
-        "sensors": [{"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_ppio.sensors.prewarm"]}],
-        "operators": [
-            {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_ppio.operators.prewarm"]}
-        ],
+        "hooks": _modules("airflow_provider_ppio.hooks.ppio"),
+        "sensors": _modules("airflow_provider_ppio.sensors.prewarm"),
+        "operators": _modules("airflow_provider_ppio.operators.prewarm"),
+        # Modules, as in every provider (Airflow's CLI shows them under "class"): the trigger class is
+        # airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger.
+        "triggers": _modules("airflow_provider_ppio.triggers.prewarm"),
         # Asset (Airflow 3) / dataset (Airflow 2) URIs ppio://prewarm/<region_id>/<image>: see assets.py.
         "asset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],
         "dataset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],

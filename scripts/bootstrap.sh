@@ -5,6 +5,7 @@
 #   scripts/bootstrap.sh af2     # Airflow 2.11 + test deps
 #   scripts/bootstrap.sh af2-urllib3   # the same with the oldest urllib3 the package allows (1.26)
 #   scripts/bootstrap.sh docs    # the docs site's tools (mkdocs-material, mkdocstrings, matplotlib); no Airflow
+#   scripts/bootstrap.sh tools   # only the tools venv (uv), for scripts that build venvs of their own
 #
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
@@ -33,7 +34,8 @@ case "$name" in
          reqs=(requirements/test.txt requirements/lint.txt) ;;
     # The docs build reads the package's source statically (griffe): no Airflow, no project install.
     docs) airflow=""; constraints=requirements/docs.txt; reqs=() ;;
-    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3 or docs)" >&2; exit 2 ;;
+    tools) ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3, docs or tools)" >&2; exit 2 ;;
 esac
 
 say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
@@ -67,6 +69,7 @@ mkdir -p "$VENVS"
     fi
 ) 9>"$VENVS/.tools.lock"
 uv=$tools/bin/uv
+[ "$name" != tools ] || exit 0
 
 venv=$VENVS/$name
 stamp_file=$venv/.bootstrap-stamp

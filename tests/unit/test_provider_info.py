@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import pkgutil
+import re
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,9 @@ from airflow_provider_ppio import __version__
 from airflow_provider_ppio.get_provider_info import get_provider_info
 from airflow_provider_ppio.hooks.ppio import PPIOHook
 
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_KINDS = ("hooks", "sensors", "operators", "triggers")
+
 
 @pytest.fixture(scope="module")
 def providers_manager() -> Any:
@@ -25,6 +33,10 @@ def providers_manager() -> Any:
         manager = ProvidersManager()
         manager.initialize_providers_hooks()
     return manager
+
+
+def listed_modules(kind: str) -> list[str]:
+    return [module for entry in get_provider_info()[kind] for module in entry["python-modules"]]
 
 
 def test_provider_info_is_valid_for_the_schema_shipped_with_airflow() -> None:
@@ -44,13 +56,85 @@ def test_provider_info_names_the_package_version_and_connection_type() -> None:
 
 
 def test_every_listed_module_imports() -> None:
-    import importlib
+    for kind in MODULE_KINDS:
+        for module in listed_modules(kind):
+            importlib.import_module(module)
 
+
+def test_every_module_entry_belongs_to_a_declared_integration() -> None:
     info = get_provider_info()
-    for kind in ("hooks", "sensors", "operators"):
-        for entry in info[kind]:
-            for module in entry["python-modules"]:
-                importlib.import_module(module)
+    integrations = {integration["integration-name"] for integration in info["integrations"]}
+    for kind in MODULE_KINDS:
+        assert {entry["integration-name"] for entry in info[kind]} <= integrations, kind
+
+
+@pytest.mark.parametrize("kind", MODULE_KINDS)
+def test_every_public_module_of_a_kind_is_listed(kind: str) -> None:
+    # A new trigger (or sensor, ...) module that is not listed would be missing from `airflow providers triggers`.
+    package = importlib.import_module(f"airflow_provider_ppio.{kind}")
+    public = {
+        module.name
+        for module in pkgutil.iter_modules(package.__path__, f"{package.__name__}.")
+        if not module.name.rsplit(".", 1)[1].startswith("_")
+    }
+    assert public, f"no modules in {package.__name__}"
+    assert set(listed_modules(kind)) == public
+
+
+def test_trigger_modules_define_the_triggers() -> None:
+    from airflow.triggers.base import BaseTrigger
+
+    from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+    defined = {
+        f"{cls.__module__}.{cls.__qualname__}"
+        for module in listed_modules("triggers")
+        for _, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass)
+        if issubclass(cls, BaseTrigger) and cls.__module__ == module
+    }
+    assert f"{PrewarmTaskTrigger.__module__}.{PrewarmTaskTrigger.__qualname__}" in defined
+
+
+def test_providers_manager_lists_the_trigger(providers_manager: Any) -> None:
+    # What `airflow providers triggers` prints (its "class" column is the module, as for every provider).
+    ours = {
+        (info.trigger_class_name, info.integration_name)
+        for info in providers_manager.trigger
+        if info.package_name == "airflow-provider-ppio"
+    }
+    assert ours == {("airflow_provider_ppio.triggers.prewarm", "PPIO")}
+
+
+def test_versions_are_the_changelog_releases_newest_first() -> None:
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
+    versions = get_provider_info()["versions"]
+    assert versions[0] == __version__
+    assert versions == released
+
+
+def test_dependencies_are_pyproject_s_so_the_minimum_airflow_is_declared_once() -> None:
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dependencies = get_provider_info()["dependencies"]
+    # From the installed metadata: a stale (editable) install after a pyproject change fails here.
+    assert sorted(dependencies) == sorted(str(Requirement(req)) for req in declared)
+    (airflow_req,) = (Requirement(req) for req in dependencies if Requirement(req).name == "apache-airflow")
+    assert airflow_req.specifier.contains(airflow.__version__)
+
+
+def test_how_to_guides_exist() -> None:
+    (integration,) = get_provider_info()["integrations"]
+    assert integration["how-to-guide"]
+    for guide in integration["how-to-guide"]:
+        assert (ROOT / guide).is_file(), guide
+
+
+def test_provider_info_is_built_afresh_on_each_call() -> None:
+    get_provider_info()["versions"].append("9.9.9")
+    get_provider_info()["integrations"][0]["how-to-guide"].clear()
+    assert "9.9.9" not in get_provider_info()["versions"]
+    assert get_provider_info()["integrations"][0]["how-to-guide"]
 
 
 def test_providers_manager_lists_the_provider(providers_manager: Any) -> None:
