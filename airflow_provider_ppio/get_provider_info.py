@@ -58,6 +58,16 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {"integration-name": _INTEGRATION, "python-modules": ["airflow_provider_ppio.operators.prewarm"]}
         ],
+        "triggers": [
+            {
+                "integration-name": _INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_ppio.triggers.prewarm",
+                    # Event-driven scheduling (AssetWatcher): Airflow 3 only; importable on 2.11.
+                    "airflow_provider_ppio.triggers.prewarm_events",
+                ],
+            }
+        ],
         # Asset (Airflow 3) / dataset (Airflow 2) URIs ppio://prewarm/<region_id>/<image>: see assets.py.
         "asset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],
         "dataset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],

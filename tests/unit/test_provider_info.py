@@ -47,7 +47,7 @@ def test_every_listed_module_imports() -> None:
     import importlib
 
     info = get_provider_info()
-    for kind in ("hooks", "sensors", "operators"):
+    for kind in ("hooks", "sensors", "operators", "triggers"):
         for entry in info[kind]:
             for module in entry["python-modules"]:
                 importlib.import_module(module)
