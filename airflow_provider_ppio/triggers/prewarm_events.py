@@ -154,9 +154,9 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
     """
     Watch the account's prewarm tasks; fire one event per task that reaches a watched status.
 
-    Each poll is one paged walk of ``GET /gpus/v2/prewarm-tasks`` with the filters the API offers
-    (region, name, and the status when one is watched). Watchers with the same connection, filter and
-    interval share that walk on Airflow 3.3 (shared streams). Transient errors are retried with the
+    Each poll is one paged walk of ``GET /gpus/v2/prewarm-tasks`` with the API's region and name
+    filters. Watchers with the same connection, region, name (or image name) and interval share that
+    walk on Airflow 3.3 (shared streams). Transient errors are retried with the
     connection's backoff for up to ``unreachable_timeout``; after that, or on any other error, the
     watcher logs it and tries again later, backing off up to :data:`MAX_ERROR_BACKOFF`.
 
@@ -239,9 +239,11 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
     # -- the walk, shared between siblings -----------------------------------------------------------------
 
     def list_query(self) -> dict[str, str | None]:
-        """The filters sent to the API: the status when one is watched, the region, and the name."""
+        """
+        The filters sent to the API: region and name. Statuses are checked here: at most a few tasks are
+        pending or running at once, and watchers of ``succeeded`` and of ``failed`` can share the walk.
+        """
         return {
-            "status": self.statuses[0] if len(self.statuses) == 1 else None,
             "region_id": self.region_id,
             # The API's ``name`` is the image's short name (``image:tag``); the exact image is checked here.
             "name": self.name or (_short_name(self.image) if self.image else None),
@@ -253,7 +255,6 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
         return (
             "ppio-prewarm-tasks",
             self.ppio_conn_id,
-            query["status"],
             query["region_id"],
             query["name"],
             self.poke_interval,
