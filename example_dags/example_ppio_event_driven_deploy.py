@@ -11,6 +11,10 @@ the prewarm was started (a CI pipeline, the PPIO console, another DAG).
   (all those queued since its previous run), so the run maps ``deploy`` over them: one deploy per prewarm
   task, whatever the grouping.
 
+The asset is declared here only: Airflow syncs an asset's watchers from every DAG file that declares it, so
+another file scheduling on the same URI without the watcher would keep removing it (the other examples use
+another image for that reason).
+
 Needs Airflow 3 (event-driven scheduling); on Airflow 2 this file defines no DAG. The ``ppio_default``
 connection holds the API key (password) and, optionally, the base URL (host). See docs/event-driven.md.
 """
@@ -24,7 +28,7 @@ from airflow import __version__ as airflow_version
 
 from airflow_provider_ppio.assets import prewarm_asset_uri
 
-IMAGE = "registry.example.com/acme/llm-server:1.4"
+IMAGE = "registry.example.com/acme/inference-api:2.3"
 REGION = "region-a"
 
 if int(airflow_version.split(".", 1)[0]) >= 3:

@@ -49,6 +49,11 @@ DEFAULT_CATCH_UP_HORIZON: Final = 86400.0
 #: Seconds between firing events and saving them as reported: the triggerer stores fired events within
 #: about two of its one-second loops; saving earlier could record an event a crash then loses.
 SETTLE_SECONDS: Final = 5.0
+#: Seconds between two events of one watcher. Airflow 3.3 closes a run's event window at the moment the
+#: first queued event arrived, and an event of the same asset that arrives while that run is being created
+#: waits for the next event (apache/airflow#56050; 3.4 queues each event). Spacing them lets the scheduler
+#: create a run per event in the usual case; the example DAG deploys per event either way.
+EVENT_SPACING: Final = 3.0
 #: Longest pause between walks while the API keeps failing.
 MAX_ERROR_BACKOFF: Final = 600.0
 #: Tasks per list request.
@@ -331,7 +336,9 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
                 continue
             before = ledger.to_json()
             fresh = sorted((task for task in tasks if ledger.is_new(task)), key=lambda t: (t.completed_at, t.task_id))
-            for task in fresh:
+            for n, task in enumerate(fresh):
+                if n:
+                    await asyncio.sleep(EVENT_SPACING)
                 self.log.info(
                     "Prewarm task %s %s (%s in %s): firing an event",
                     task.task_id,

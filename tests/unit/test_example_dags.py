@@ -81,11 +81,11 @@ def test_event_driven_example_is_wired_as_documented(dagbag: Any) -> None:
     dag = dagbag.dags["example_ppio_event_driven_deploy"]
     assert {task.task_id for task in dag.tasks} == {"prewarmed", "deploy"}
     (asset,) = dag.timetable.asset_condition.objects
-    assert asset.uri == "ppio://prewarm/region-a/registry.example.com/acme/llm-server:1.4"
+    assert asset.uri == "ppio://prewarm/region-a/registry.example.com/acme/inference-api:2.3"
     (watcher,) = asset.watchers
     assert isinstance(watcher.trigger, PrewarmTaskEventTrigger)
     assert (watcher.trigger.image, watcher.trigger.region_id) == (
-        "registry.example.com/acme/llm-server:1.4",
+        "registry.example.com/acme/inference-api:2.3",
         "region-a",
     )
     assert watcher.trigger.statuses == ("succeeded",)

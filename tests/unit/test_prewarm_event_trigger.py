@@ -115,6 +115,7 @@ def _fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Walks and the settle time in milliseconds instead of seconds."""
     monkeypatch.setattr(prewarm_events, "MIN_DEFERRED_POKE_INTERVAL", 0.01)
     monkeypatch.setattr(prewarm_events, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(prewarm_events, "EVENT_SPACING", 0.0)
 
 
 class Running:
