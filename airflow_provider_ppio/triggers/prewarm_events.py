@@ -5,7 +5,7 @@ Put it in an ``AssetWatcher`` of an asset (e.g. ``prewarm_asset(region, image)``
 asset run once per prewarm task that reaches ``succeeded`` (and ``failed``, if asked), with the task's
 details in the asset event's ``extra["payload"]``. See docs/event-driven.md.
 
-How the triggerer treats it (Airflow 3.0-3.3, ``jobs/triggerer_job_runner.py``): an event trigger is never
+How the triggerer treats it (``jobs/triggerer_job_runner.py`` as of Airflow 3.3.2): an event trigger is never
 ended by its events; every event becomes an asset event and ``run()`` keeps going. If ``run()`` returned,
 the trigger would count as finished and the triggerer would start a fresh instance from the same kwargs on
 its next loop, so this trigger never returns: API errors back off and polling goes on. A restart of the
