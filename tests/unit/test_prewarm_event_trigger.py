@@ -375,3 +375,33 @@ async def test_sibling_watchers_share_one_walk_through_airflow_shared_streams(em
     # One poll loop for both: consecutive walks are a (jittered) interval apart; two loops would interleave.
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert len(times) > 5 and min(gaps) >= 0.05 * 0.9 - 0.005, gaps
+
+
+# -- the hook's async list walk (both lines: the hook is not Airflow 3 only) ------------------------------------
+
+
+async def test_alist_prewarm_tasks_follows_every_page_with_the_filters(emulator: EmulatorServer) -> None:
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+    for n in range(5):
+        emulator.control.seed_task(task_id=f"t{n}", image=IMAGE, region_id=REGION, state="succeeded")
+    emulator.control.seed_task(task_id="elsewhere", image=IMAGE, region_id="region-b", state="succeeded")
+    hook = PPIOHook()
+    tasks = [task async for task in hook.alist_prewarm_tasks(region_id=REGION, name="llm-server", page_size=2)]
+    assert [task.task_id for task in tasks] == ["t0", "t1", "t2", "t3", "t4"]
+    log = emulator.control.requests_log()
+    assert len(log) == 3 and all(entry["query"]["limit"] == "2" for entry in log)
+    assert "cursor" not in log[0]["query"] and all(entry["query"].get("cursor") for entry in log[1:])
+
+
+async def test_alist_prewarm_tasks_refuses_a_cursor_that_loops(set_conn: Callable[..., None]) -> None:
+    from aio_server import api_server, reply_json
+
+    from airflow_provider_ppio.exceptions import PPIOBadResponseError
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+    page = {"data": [], "next_cursor": "again", "has_more": True}
+    with api_server(reply_json(200, page)) as server:
+        set_conn(host=server.base_url)
+        with pytest.raises(PPIOBadResponseError, match="returned cursor 'again' twice"):
+            [task async for task in PPIOHook().alist_prewarm_tasks(region_id=REGION)]
