@@ -60,7 +60,7 @@ def _watcher_walks(emulator: Any) -> int:
 
 
 def _trigger_events(deployment: Deployment, ids: set[str]) -> list[dict[str, Any]]:
-    body = deployment.api("GET", "/assets/events", params={"limit": 100, "order_by": "timestamp"})
+    body = deployment.api("GET", "/assets/events", params={"limit": 100, "order_by": "-timestamp"})
     events = [
         event
         for event in body["asset_events"]
@@ -173,7 +173,7 @@ def test_each_prewarm_that_succeeds_in_the_watched_region_is_deployed_once(
         "missed": len(expected - set(deploy_count)),
         "latency_s_success_to_run_queued": {
             "while_up": live,
-            "finished_while_down_from_triggerer_start": [
+            "finished_while_down_from_triggerer_restart_command": [
                 value for task_id, value in latency.items() if plan[task_id][2] == "down"
             ],
         },
