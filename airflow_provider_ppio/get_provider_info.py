@@ -90,7 +90,11 @@ def get_provider_info() -> dict[str, Any]:
         "operators": _modules("airflow_provider_ppio.operators.prewarm"),
         # Modules, as in every provider (Airflow's CLI shows them under "class"): the trigger class is
         # airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger.
-        "triggers": _modules("airflow_provider_ppio.triggers.prewarm"),
+        "triggers": _modules(
+            "airflow_provider_ppio.triggers.prewarm",
+            # Event-driven scheduling (AssetWatcher): Airflow 3 only; importable on 2.11.
+            "airflow_provider_ppio.triggers.prewarm_events",
+        ),
         # Asset (Airflow 3) / dataset (Airflow 2) URIs ppio://prewarm/<region_id>/<image>: see assets.py.
         "asset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],
         "dataset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],

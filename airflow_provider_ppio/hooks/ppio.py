@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
 
@@ -259,6 +259,42 @@ class PPIOHook(BaseHook):
         while True:
             page = PrewarmTaskPage.from_api(self.get(PREWARM_TASKS_PATH, params=params))
             yield from page.data
+            if not page.has_more or not page.next_cursor:
+                return
+            if page.next_cursor in seen_cursors:
+                raise PPIOBadResponseError(
+                    f"GET {PREWARM_TASKS_PATH}: the API returned cursor {page.next_cursor!r} twice"
+                )
+            seen_cursors.add(page.next_cursor)
+            params = {**params, "cursor": page.next_cursor}
+
+    async def alist_prewarm_tasks(
+        self,
+        status: str | None = None,
+        region_id: str | None = None,
+        name: str | None = None,
+        page_size: int = 50,
+        *,
+        patient: bool = False,
+    ) -> AsyncIterator[PrewarmTask]:
+        """
+        Async :meth:`list_prewarm_tasks`, for triggers: the same filters, paging and cursor-loop guard.
+
+        :param status: Only tasks in this state (pending, running, succeeded, failed).
+        :param region_id: Only tasks in this region.
+        :param name: Fuzzy match on the image name or note.
+        :param page_size: Tasks per request (``limit``).
+        :param patient: Retry each page's transient errors until ``unreachable_timeout`` (as waits do).
+        """
+        query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
+        params = query.model_dump(exclude_none=True)
+        patience = Patience((await self.aget_settings()).unreachable_timeout, None) if patient else None
+        seen_cursors: set[str] = set()
+        while True:
+            answer = await self.arequest("GET", PREWARM_TASKS_PATH, params=params, patience=patience)
+            page = PrewarmTaskPage.from_api(answer)
+            for task in page.data:
+                yield task
             if not page.has_more or not page.next_cursor:
                 return
             if page.next_cursor in seen_cursors:

@@ -236,6 +236,29 @@ class Deployment:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(STOP_TIMEOUT)
 
+    def restart(self, name: str, down: Callable[[], None] | None = None) -> None:
+        """
+        Stop one component the way a rolling restart does (SIGTERM to its process group, SIGKILL after
+        :data:`STOP_TIMEOUT`), call ``down`` while it is stopped, and start it again. The old log is kept
+        as ``<name>.<n>.log``.
+
+        :param name: The component, e.g. ``"triggerer"``.
+        :param down: What to do while it is down.
+        """
+        proc = self.processes[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._stop_one(name)
+        generation = len(list(self.log_dir.glob(f"{name}.*.log"))) + 1
+        (self.log_dir / f"{name}.log").rename(self.log_dir / f"{name}.{generation}.log")
+        if down is not None:
+            down()
+        args = {"triggerer": ["triggerer", "--skip-serve-logs"], "scheduler": ["scheduler", "--skip-serve-logs"]}
+        self._spawn(name, args.get(name, [name]))
+
     def stop(self) -> None:
         """Stop every process of the deployment: SIGTERM, then SIGKILL whatever is left."""
         import psutil

@@ -42,7 +42,22 @@ REQUIRED: dict[str, dict[str, Any]] = {
         "prewarm_task_ids": ["pwt-1"],
     },
     "airflow_provider_ppio.hooks.ppio.PPIOHook": {},
+    "airflow_provider_ppio.triggers.prewarm_events.PrewarmTaskEventTrigger": {
+        "image": "registry.example.com/me/app:1.0"
+    },
 }
+#: Classes that can only be built on Airflow 3: their tables are checked there, and left alone on Airflow 2.
+NEEDS_AIRFLOW_3 = frozenset({"airflow_provider_ppio.triggers.prewarm_events.PrewarmTaskEventTrigger"})
+
+
+def checked_here() -> set[str]:
+    """The documented classes whose tables this Airflow line can render."""
+    from airflow import __version__ as airflow_version
+
+    on_3 = int(airflow_version.split(".")[0]) >= 3
+    return {path for path in REQUIRED if on_3 or path not in NEEDS_AIRFLOW_3}
+
+
 #: Arguments the sensor inherits from Airflow's ``BaseSensorOperator`` that change what it does.
 INHERITED = {
     "poke_interval": "Seconds between two pokes (in deferrable mode: between two polls of the trigger).",
@@ -60,7 +75,7 @@ FROM_CONFIG = {
     "deferrable": "[operators] default_deferrable",
     ("PrewarmTaskSensor", "timeout"): "[sensors] default_timeout",
 }
-_SECONDS = {"poke_interval", "timeout", "max_wait", "unreachable_timeout", "max_age", "deadline"}
+_SECONDS = {"catch_up_horizon", "poke_interval", "timeout", "max_wait", "unreachable_timeout", "max_age", "deadline"}
 
 
 def _params(doc: str) -> dict[str, str]:
@@ -89,7 +104,7 @@ def _value(name: str, value: Any) -> str:
     return f"`{value!r}`"
 
 
-def _rows(cls: type, built: Any) -> Iterator[tuple[str, str, str]]:
+def _rows(cls: type, built: Any, given: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     own = inspect.signature(cls.__init__).parameters
     docs = _params(cls.__doc__ or "")
     for name, param in own.items():
@@ -99,7 +114,8 @@ def _rows(cls: type, built: Any) -> Iterator[tuple[str, str, str]]:
             default = "required"
         else:
             # What the object holds when the argument is left out; the signature's default where it holds nothing.
-            value = getattr(built, name, param.default) if name != "poll_interval" else param.default
+            held = name != "poll_interval" and name not in given  # what the table had to pass is no default
+            value = getattr(built, name, param.default) if held else param.default
             default = _value(name, value)
         source = FROM_CONFIG.get((cls.__name__, name)) or FROM_CONFIG.get(name)
         if source:
@@ -128,7 +144,10 @@ def render(path: str) -> str:
     cls = getattr(importlib.import_module(module), name)
     built = cls(**REQUIRED[path])
     lines = [BEGIN.format(path=path), "", "| parameter | default | what it does |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {default} | {text.replace('|', '&#124;')} |" for name, default, text in _rows(cls, built)]
+    lines += [
+        f"| {name} | {default} | {text.replace('|', '&#124;')} |"
+        for name, default, text in _rows(cls, built, REQUIRED[path])
+    ]
     return "\n".join([*lines, "", END])
 
 
@@ -137,6 +156,8 @@ def pages() -> dict[Path, list[tuple[str, str]]]:
     found: dict[Path, list[tuple[str, str]]] = {}
     for page in sorted(DOCS.rglob("*.md")):
         for match in _BLOCK.finditer(page.read_text()):
+            if match.group("path") not in checked_here():
+                continue
             found.setdefault(page, []).append((match.group(0), render(match.group("path"))))
     return found
 

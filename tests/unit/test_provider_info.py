@@ -102,7 +102,10 @@ def test_providers_manager_lists_the_trigger(providers_manager: Any) -> None:
         for info in providers_manager.trigger
         if info.package_name == "airflow-provider-ppio"
     }
-    assert ours == {("airflow_provider_ppio.triggers.prewarm", "PPIO")}
+    assert ours == {
+        ("airflow_provider_ppio.triggers.prewarm", "PPIO"),
+        ("airflow_provider_ppio.triggers.prewarm_events", "PPIO"),
+    }
 
 
 def test_versions_are_the_changelog_releases_newest_first() -> None:
