@@ -136,13 +136,15 @@ def distributed_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def distributed_emulator() -> Iterator[Any]:
     """
-    The PPIO emulator on loopback: no quota (every run's prewarms run at once), and created prewarms stay
-    running until the test finishes them.
+    The PPIO emulator on loopback: no quota (every run's prewarms run at once), created prewarms stay running
+    until the test finishes them, and the request log keeps every request of the run.
     """
     from airflow_provider_ppio.testing.emulator import EmulatorConfig
     from airflow_provider_ppio.testing.server import EmulatorServer
 
-    config = EmulatorConfig(api_key=API_KEY, quota=None, pending_seconds=0, running_seconds=24 * 3600)
+    config = EmulatorConfig(
+        api_key=API_KEY, quota=None, pending_seconds=0, running_seconds=24 * 3600, request_log_size=1_000_000
+    )
     with EmulatorServer(config) as server:
         yield server
 
