@@ -254,6 +254,27 @@ class Deployment:
                     found[candidate.pid] = candidate
         return list(found.values())
 
+    def listening(self, extra_pids: tuple[int, ...] = ()) -> set[str]:
+        """
+        The addresses this deployment's processes (and ``extra_pids``, with their children) listen on.
+
+        :param extra_pids: Further processes to look at (servers the deployment uses).
+        """
+        import psutil
+
+        procs = self._family()
+        for pid in extra_pids:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]
+        found = set()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.add(f"{conn.laddr.ip}:{conn.laddr.port}")
+        return found
+
     def _stop_one(self, name: str) -> None:
         proc = self.processes.get(name)
         if proc is None or proc.poll() is not None:

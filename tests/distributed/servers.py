@@ -116,6 +116,11 @@ class PostgresCluster:
         self._started = True
         self.client("createdb", self.database)
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def client(self, tool: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
         """
         Run a client tool (``psql``, ``pg_dump``, ``createdb``) against the cluster as :attr:`user`.
@@ -197,6 +202,12 @@ class RedisServer:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start (see {self.log_dir / 'redis.log'})")
             time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self._proc is not None, "not started"
+        return self._proc.pid
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL) and remove its directory."""

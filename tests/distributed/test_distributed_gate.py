@@ -145,7 +145,7 @@ def _figures(values: list[float]) -> dict[str, float]:
 
 
 def test_gate_survives_worker_triggerer_and_api_failures(
-    distributed: Deployment, distributed_emulator: Any, postgres: Any, distributed_out: Path
+    distributed: Deployment, distributed_emulator: Any, postgres: Any, redis: Any, distributed_out: Path
 ) -> None:
     started = time.monotonic()
     gate = Gate(distributed, distributed_emulator)
@@ -190,6 +190,10 @@ def test_gate_survives_worker_triggerer_and_api_failures(
 
     gate.wait_for(all_deferred, f"all {expected_waits} waits to be deferred to a triggerer", 420)
     load_seconds = time.monotonic() - started
+    # Every part of the deployment (Airflow, PostgreSQL, Redis) listens on loopback only.
+    listening = distributed.listening((postgres.pid, redis.pid))
+    assert listening, "found no listening socket at all"
+    assert all(address.startswith("127.0.0.1:") for address in listening), listening
     run_ids = sorted(gate.gates)
     third = len(run_ids) // 3
     before, after, last = run_ids[:third], run_ids[third : 2 * third], run_ids[2 * third :]
