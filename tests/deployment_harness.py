@@ -95,6 +95,8 @@ class Deployment:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         #: Components this test killed on purpose: their death is not a failure.
         self.killed: set[str] = set()
+        #: Seconds :meth:`start` took (migration included).
+        self.startup_seconds = 0.0
         self._session = requests.Session()
         self._stopped = False
         self.env = self._environment()
@@ -183,11 +185,13 @@ class Deployment:
 
     def start(self) -> None:
         """Migrate the database, start the components and wait until all report healthy."""
+        begin = time.monotonic()
         self._run("db-migrate", ["db", "migrate"], MIGRATE_TIMEOUT)
         for name, (args, env) in self.components().items():
             self._spawn(name, args, env)
         self.wait_for(self._healthy, STARTUP_TIMEOUT, "all components healthy")
         self.login()
+        self.startup_seconds = time.monotonic() - begin
 
     def _healthy(self) -> bool:
         try:

@@ -204,6 +204,22 @@ def _distributed(
         yield started
 
 
+#: What the tests put in the ``figures`` fixture, printed at the end of the session.
+_FIGURES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, Any]:
+    """A dict for the run's figures; the terminal summary prints it, pass or fail."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("distributed deployment figures")
+        terminalreporter.write_line(json.dumps(_FIGURES, indent=2))
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
