@@ -411,13 +411,12 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running(deployment: Deployment, *cleanups: Callable[[], None]) -> Iterator[Deployment]:
+def running(deployment: Deployment) -> Iterator[Deployment]:
     """
-    Start ``deployment``; on every way out stop it, then run ``cleanups`` (servers it used), and print its
-    logs' tails if something failed.
+    Start ``deployment``; on every way out (Ctrl-C and SIGTERM included) stop it, and print its logs' tails if
+    something failed.
 
     :param deployment: The deployment.
-    :param cleanups: Called after the deployment stopped, last first.
     """
     # Last resort if the interpreter exits without running fixture teardown; stop() is idempotent.
     atexit.register(deployment.stop)
@@ -433,8 +432,6 @@ def running(deployment: Deployment, *cleanups: Callable[[], None]) -> Iterator[D
             # Stop first: a second Ctrl-C while the logs are printed must not leave processes behind.
             deployment.stop()
             atexit.unregister(deployment.stop)
-            for cleanup in reversed(cleanups):
-                cleanup()
             if failed:
                 sys.stderr.write(deployment.dump_logs() + "\n")
             sys.stderr.write(f"deployment logs: {deployment.log_dir}\n")

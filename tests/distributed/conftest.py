@@ -10,6 +10,7 @@ own process group (tests/deployment_harness.py), plus the PPIO emulator in this 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -157,11 +158,13 @@ def postgres(distributed_out: Path) -> Iterator[Any]:
     from servers import PostgresCluster
 
     cluster = PostgresCluster(distributed_out / "process-logs")
+    atexit.register(cluster.stop)  # if the session ends without teardown; stop() is idempotent
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        atexit.unregister(cluster.stop)
 
 
 @pytest.fixture(scope="session")
@@ -170,11 +173,13 @@ def redis(distributed_out: Path) -> Iterator[Any]:
     from servers import RedisServer
 
     server = RedisServer(distributed_out / "process-logs")
+    atexit.register(server.stop)
     try:
         server.start()
         yield server
     finally:
         server.stop()
+        atexit.unregister(server.stop)
 
 
 @pytest.fixture(scope="session")
