@@ -2,6 +2,8 @@
 #
 #   make demo      gated deployment DAG, run end to end against the offline PPIO emulator (Airflow 3.3)
 #   make test      lint + mypy, the whole test suite on Airflow 2.11 and on Airflow 3.3, the sync transport on urllib3 1.26
+#   make test-distributed   the gate on a distributed Airflow 3.3 (Celery, PostgreSQL, Redis, two triggerers) with
+#                  a worker, a triggerer and the API killed mid-wait (installs postgresql and redis-server if missing)
 #
 # Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | docs | plots | test-wheel | clean.
 # Extra pytest arguments: make test-af3 PYTEST_ARGS="-m 'not e2e' -x".
@@ -15,10 +17,11 @@ export PYTHON VENVS PYTEST_ARGS
 AF2 := $(VENVS)/af2/bin
 AF3 := $(VENVS)/af3/bin
 
-.PHONY: help demo test test-wheel venvs venv-af2 venv-af3 venv-af2-urllib3 venv-docs lint format test-af2 test-af3 e2e docs plots clean
+.PHONY: help demo test test-distributed test-wheel venvs venv-af2 venv-af3 venv-af2-urllib3 venv-af3-dist venv-docs \
+	lint format test-af2 test-af3 e2e docs plots clean
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
 
 venv-af2:
 	@scripts/bootstrap.sh af2
@@ -31,6 +34,10 @@ venv-af2-urllib3:
 
 venv-docs:
 	@scripts/bootstrap.sh docs
+
+# Only for make test-distributed: af3 plus the Celery provider and the PostgreSQL drivers.
+venv-af3-dist:
+	@scripts/bootstrap.sh af3-dist
 
 venvs: venv-af2 venv-af3 venv-af2-urllib3
 
@@ -55,6 +62,10 @@ test-af3: venv-af3
 
 test-wheel:
 	@scripts/test_wheel.sh
+
+test-distributed: venv-af3-dist
+	@scripts/install_distributed.sh
+	@PYTEST_ARGS="-m distributed $(PYTEST_ARGS)" PYTEST_TIMEOUT=900 scripts/test.sh distributed
 
 e2e: venv-af2 venv-af3
 	@PYTEST_ARGS="-m e2e $(PYTEST_ARGS)" scripts/test.sh af2 af3

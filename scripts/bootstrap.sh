@@ -6,6 +6,7 @@
 #   scripts/bootstrap.sh af2-urllib3   # the same with the oldest urllib3 the package allows (1.26)
 #   scripts/bootstrap.sh docs    # the docs site's tools (mkdocs-material, mkdocstrings, matplotlib); no Airflow
 #   scripts/bootstrap.sh tools   # only the tools venv (uv), for scripts that build venvs of their own
+#   scripts/bootstrap.sh af3-dist      # af3 + the Celery provider and a PostgreSQL driver (make test-distributed)
 #
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
@@ -22,6 +23,7 @@ AIRFLOW_2=2.11.2
 AIRFLOW_3=3.3.2
 URLLIB3_OLDEST=1.26.20
 override=""
+extra_constraints=()
 
 name=${1:?usage: scripts/bootstrap.sh af2|af3}
 case "$name" in
@@ -32,10 +34,14 @@ case "$name" in
          reqs=(requirements/test.txt); override="urllib3==$URLLIB3_OLDEST" ;;
     af3) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
          reqs=(requirements/test.txt requirements/lint.txt) ;;
+    # The distributed deployment test: CeleryExecutor (Redis broker) on PostgreSQL. Pins in their own file.
+    af3-dist) airflow="apache-airflow==$AIRFLOW_3"; constraints=requirements/constraints-airflow-3.3.txt
+         extra_constraints=(requirements/constraints-distributed.txt)
+         reqs=(requirements/test.txt requirements/lint.txt requirements/distributed.txt) ;;
     # The docs build reads the package's source statically (griffe): no Airflow, no project install.
     docs) airflow=""; constraints=requirements/docs.txt; reqs=() ;;
     tools) ;;
-    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3, docs or tools)" >&2; exit 2 ;;
+    *) echo "bootstrap: unknown venv '$name' (expected af2, af2-urllib3, af3, af3-dist, docs or tools)" >&2; exit 2 ;;
 esac
 
 say() { printf '[bootstrap %s] %s\n' "$name" "$*"; }
@@ -77,7 +83,8 @@ stamp=$(
     {
         echo "$interpreter $("$PYTHON" -V 2>&1) $airflow uv=$UV_VERSION $override"
         # The package version (installed metadata) is read from __init__.py: a bump must reinstall.
-        cat scripts/bootstrap.sh pyproject.toml airflow_provider_ppio/__init__.py "$constraints" ${reqs[@]+"${reqs[@]}"}
+        cat scripts/bootstrap.sh pyproject.toml airflow_provider_ppio/__init__.py "$constraints" \
+            ${extra_constraints[@]+"${extra_constraints[@]}"} ${reqs[@]+"${reqs[@]}"}
     } | "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
 )
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
@@ -100,6 +107,7 @@ fi
 say "installing $airflow, test dependencies and the project (editable, [emulator])"
 req_args=()
 for req in ${reqs[@]+"${reqs[@]}"}; do req_args+=(-r "$req"); done
+for extra in ${extra_constraints[@]+"${extra_constraints[@]}"}; do req_args+=(--constraint "$extra"); done
 if [ -n "$override" ]; then
     # The constraints pin the overridden package too: drop that pin, then force the override.
     package=${override%%==*}

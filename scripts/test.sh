@@ -5,6 +5,7 @@
 #   scripts/test.sh lint       ruff check, ruff format --check, mypy --strict (Airflow 3.3 venv)
 #   scripts/test.sh af2 af3    pytest on the named lines only
 #   scripts/test.sh urllib3    the sync transport's tests on the oldest urllib3 allowed (venv af2-urllib3)
+#   scripts/test.sh distributed   tests/distributed on the af3-dist venv (make test-distributed passes -m distributed)
 #
 # Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
 # when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
@@ -109,7 +110,8 @@ for step in "$@"; do
         lint) lint ;;
         af2 | af3) pytest_line "$step" ;;
         urllib3) pytest_line af2-urllib3 tests/unit/test_hook.py tests/unit/test_sensor.py tests/unit/test_transport_config.py ;;
-        *) echo "test.sh: unknown step '$step' (expected all, lint, af2, af3 or urllib3)" >&2; exit 2 ;;
+        distributed) pytest_line af3-dist tests/distributed ;;
+        *) echo "test.sh: unknown step '$step' (expected all, lint, af2, af3, urllib3 or distributed)" >&2; exit 2 ;;
     esac
 done
 

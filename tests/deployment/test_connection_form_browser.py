@@ -13,13 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from deployment_harness import Deployment
 
 from airflow_provider_ppio.get_provider_info import CONN_FIELDS, UI_FIELD_BEHAVIOUR
 
 pytestmark = [pytest.mark.deployment, pytest.mark.af3]
-
-# The ``deployment`` fixture's class lives in conftest, which is not importable by name.
-Deployment = Any
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -19,10 +19,9 @@ import uuid
 from typing import Any
 
 import pytest
+from deployment_harness import Deployment
 
 from airflow_provider_ppio.triggers.prewarm_events import SETTLE_SECONDS
-
-Deployment = Any
 
 pytestmark = [pytest.mark.deployment, pytest.mark.af3]
 

@@ -10,13 +10,10 @@ deferral is certain rather than a race with the first poke.
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-# The ``deployment`` fixture's class lives in conftest, which is not importable by name.
-Deployment = Any
+from deployment_harness import Deployment, files_containing
 
 pytestmark = [pytest.mark.deployment, pytest.mark.af3]
 
@@ -86,12 +83,7 @@ def _assert_key_written_nowhere(deployment: Deployment) -> None:
     """The API key went in through the REST API; it must not come out in any file the deployment wrote
     (metadata DB: connection is Fernet-encrypted, XCom, trigger kwargs, rendered fields; task and
     component logs)."""
-    needle = deployment.api_key.encode()
-    leaks = []
-    for root in (deployment.home, deployment.log_dir):
-        for path in Path(root).rglob("*"):
-            if path.is_file() and needle in path.read_bytes():
-                leaks.append(str(path))
+    leaks = files_containing(deployment.api_key.encode(), [deployment.home, deployment.log_dir])
     assert not leaks, f"the API key was written to {leaks}"
 
 
