@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
+from pydantic import SecretStr
 
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
@@ -175,7 +176,9 @@ class PPIOHook(BaseHook):
         """
         path = prewarm_task_path(task_id)
         patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
-        return _the_task_asked_for(task_id, self.request("GET", path, patience=patience), self.settings.api_key)
+        return _the_task_asked_for(
+            task_id, self.request("GET", path, patience=patience), SecretStr(self.settings.api_key)
+        )
 
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
@@ -191,7 +194,7 @@ class PPIOHook(BaseHook):
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
         answer = await self.arequest("GET", path, patience=patience)
-        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).api_key)
+        return _the_task_asked_for(task_id, answer, SecretStr((await self.aget_settings()).api_key))
 
     def create_prewarm_task(
         self,
@@ -440,7 +443,7 @@ class PPIOHook(BaseHook):
         return True
 
 
-def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:
+def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
     """
     Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
     with another one, and a gate must not open on someone else's prewarm).
