@@ -79,7 +79,7 @@ pytest_line() {  # pytest_line <venv name> [test paths...]
     local paths=("$@")
     read -r version python < <("$bin/python" -c 'import importlib.metadata as m, platform
 print(m.version("apache-airflow"), platform.python_version())' 2>/dev/null) && [ -n "$version" ] || {
-        record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs)"
+        record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs or make venvs-matrix)"
         return
     }
     # A throwaway AIRFLOW_HOME so nothing lands in ~/airflow; tests that need their own make their own.
@@ -96,13 +96,12 @@ print(m.version("apache-airflow"), platform.python_version())' 2>/dev/null) && [
     total_passed=$((total_passed + $(count passed "$closing")))
     total_failed=$((total_failed + $(count failed "$closing") + $(count error "$closing")))
     total_skipped=$((total_skipped + $(count skipped "$closing")))
-    local label="Airflow $version, Python $python ($name)"
-    closing="$closing; $((SECONDS - step_start))s wall"
+    local label="Airflow $version, Python $python ($name)" wall="($((SECONDS - step_start))s wall)"
     case $rc in
-        0) record ok "$label" "$closing" ;;
-        5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected}" ;;
-        124 | 137) record FAIL "$label" "stopped after ${PYTEST_LINE_TIMEOUT}s (PYTEST_LINE_TIMEOUT): ${closing:-no summary}" ;;
-        *) record FAIL "$label" "exit code $rc: ${closing:-no summary line}" ;;
+        0) record ok "$label" "$closing $wall" ;;
+        5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected} $wall" ;;
+        124 | 137) record FAIL "$label" "stopped after ${PYTEST_LINE_TIMEOUT}s (PYTEST_LINE_TIMEOUT): ${closing:-no summary} $wall" ;;
+        *) record FAIL "$label" "exit code $rc: ${closing:-no summary line} $wall" ;;
     esac
 }
 
