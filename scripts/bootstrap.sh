@@ -10,8 +10,8 @@
 # The supported lines and Pythons are listed in docs/versions.md; the Airflow versions below are the ones tested.
 # A "tools" venv holding uv is made first with python3 -m venv + pip; uv then builds the Airflow venvs.
 # Each venv keeps a stamp (a hash of everything that decides its contents); when the stamp matches, nothing is
-# installed and the script returns at once. Environment: VENVS (default .venvs), PYTHON (default python3; for the
-# -py3XX venvs, python3.XX on PATH or under pyenv's versions directory).
+# installed and the script returns at once. Environment: VENVS (default .venvs), PYTHON (default python3); the
+# -py3XX venvs ignore PYTHON and use PYTHON3XX (e.g. PYTHON313), else python3.XX on PATH, else pyenv's newest 3.XX.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -52,17 +52,19 @@ case "$name" in
        exit 2 ;;
 esac
 
-if [ -n "$wanted_python" ] && [ -z "${PYTHON:-}" ]; then
-    # python$wanted_python from PATH if it runs (a pyenv shim may not), else the newest pyenv build of it.
-    for candidate in "python$wanted_python" \
+if [ -n "$wanted_python" ]; then
+    # PYTHON3XX, else python3.XX from PATH if it runs (a pyenv shim may not), else the newest pyenv build of it.
+    override_var=PYTHON${wanted_python/./}
+    PYTHON=""
+    for candidate in ${!override_var:-} "python$wanted_python" \
         $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$wanted_python".*/bin/python 2>/dev/null | sort -rV); do
         if "$candidate" -V >/dev/null 2>&1; then
             PYTHON=$candidate
             break
         fi
     done
-    if [ -z "${PYTHON:-}" ]; then
-        echo "bootstrap: $name needs Python $wanted_python: none on PATH or under pyenv (set PYTHON=/path/to/python$wanted_python)" >&2
+    if [ -z "$PYTHON" ]; then
+        echo "bootstrap: $name needs Python $wanted_python: none on PATH or under pyenv (set $override_var=/path/to/python$wanted_python)" >&2
         exit 1
     fi
 fi
