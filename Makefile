@@ -4,8 +4,10 @@
 #   make test      lint + mypy, the whole test suite on Airflow 2.11 and on Airflow 3.3, the sync transport on urllib3 1.26
 #   make test-distributed   the gate on a distributed Airflow 3.3 (Celery, PostgreSQL, Redis, two triggerers) with
 #                  a worker, a triggerer and the API killed mid-wait (installs postgresql and redis-server if missing)
+#   make test-matrix   the rest of the supported range: unit + gate e2e tests on Airflow 3.0, 3.1, 3.2, unit tests on
+#                  Python 3.12 and 3.13 (docs/versions.md)
 #
-# Smaller pieces: make venvs | lint | format | test-af2 | test-af3 | e2e | docs | plots | test-wheel | clean.
+# Smaller pieces: make venvs | venvs-matrix | lint | format | test-af2 | test-af3 | e2e | docs | plots | test-wheel | clean.
 # Extra pytest arguments: make test-af3 PYTEST_ARGS="-m 'not e2e' -x".
 
 SHELL := /bin/bash
@@ -17,11 +19,13 @@ export PYTHON VENVS PYTEST_ARGS
 AF2 := $(VENVS)/af2/bin
 AF3 := $(VENVS)/af3/bin
 
-.PHONY: help demo test test-distributed test-wheel venvs venv-af2 venv-af3 venv-af2-urllib3 venv-af3-dist venv-docs \
-	lint format test-af2 test-af3 e2e docs plots clean
+MATRIX_VENVS := af30 af31 af32 af3-py312 af3-py313
+
+.PHONY: help demo test test-distributed test-matrix test-wheel venvs venvs-matrix venv-af2 venv-af3 venv-af2-urllib3 \
+	venv-af3-dist venv-docs $(addprefix venv-,$(MATRIX_VENVS)) lint format test-af2 test-af3 e2e docs plots clean
 
 help:
-	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,12p' Makefile | sed 's/^# \{0,1\}//'
 
 venv-af2:
 	@scripts/bootstrap.sh af2
@@ -41,11 +45,19 @@ venv-af3-dist:
 
 venvs: venv-af2 venv-af3 venv-af2-urllib3
 
+$(addprefix venv-,$(MATRIX_VENVS)): venv-%:
+	@scripts/bootstrap.sh $*
+
+venvs-matrix: $(addprefix venv-,$(MATRIX_VENVS))
+
 demo: venv-af3
 	@$(AF3)/python scripts/demo.py
 
 test: venvs
 	@scripts/test.sh all
+
+test-matrix: venvs-matrix
+	@scripts/test.sh matrix
 
 lint: venv-af3
 	@scripts/test.sh lint

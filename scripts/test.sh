@@ -6,6 +6,9 @@
 #   scripts/test.sh af2 af3    pytest on the named lines only
 #   scripts/test.sh urllib3    the sync transport's tests on the oldest urllib3 allowed (venv af2-urllib3)
 #   scripts/test.sh distributed   tests/distributed on the af3-dist venv (make test-distributed passes -m distributed)
+#   scripts/test.sh matrix     the rest of the supported range (docs/versions.md): the unit tests and the gate e2e
+#                              tests on Airflow 3.0, 3.1 and 3.2, the unit tests on Python 3.12 and 3.13 (Airflow 3.3);
+#                              steps af30 af31 af32 af3-py312 af3-py313 run one of these each (make venvs-matrix)
 #
 # Every step runs even when an earlier one failed; a summary closes the output and the exit code is non-zero
 # when any step failed. pytest's "no tests ran" (exit code 5) counts as a failure. Extra pytest arguments
@@ -30,8 +33,18 @@ for candidate in timeout gtimeout; do
         break
     fi
 done
+# The e2e tests the matrix runs on the other Airflow lines: the example gate DAG, and the key hygiene of a run.
+MATRIX_E2E=(tests/e2e/test_prewarm_gate_e2e.py tests/reliability/test_secret_hygiene_e2e.py)
 [ $# -gt 0 ] || set -- all
-[ "$1" = all ] && set -- lint af3 af2 urllib3
+steps=()
+for step in "$@"; do
+    case $step in
+        all) steps+=(lint af3 af2 urllib3) ;;
+        matrix) steps+=(af30 af31 af32 af3-py312 af3-py313) ;;
+        *) steps+=("$step") ;;
+    esac
+done
+set -- "${steps[@]}"
 
 logs=$(mktemp -d "${TMPDIR:-/tmp}/ppio-test.XXXXXX")
 trap 'rm -rf "$logs"' EXIT
@@ -44,7 +57,7 @@ ran_pytest=0
 started=$SECONDS
 
 record() {  # record <ok|FAIL> <what> <detail>
-    summary+=("$(printf '%-4s  %-34s %s' "$1" "$2" "$3")")
+    summary+=("$(printf '%-4s  %-44s %s' "$1" "$2" "$3")")
     [ "$1" = ok ] || failed=1
 }
 
@@ -73,18 +86,19 @@ count() {  # count <word> <pytest closing line>: the number before "<word>", 0 i
 }
 
 pytest_line() {  # pytest_line <venv name> [test paths...]
-    local name=$1 bin=$VENVS/$1/bin version home log rc closing
+    local name=$1 bin=$VENVS/$1/bin version python home log rc closing step_start=$SECONDS
     shift
     local paths=("$@")
-    version=$("$bin/python" -c 'import importlib.metadata as m; print(m.version("apache-airflow"))') || {
-        record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs)"
+    read -r version python < <("$bin/python" -c 'import importlib.metadata as m, platform
+print(m.version("apache-airflow"), platform.python_version())' 2>/dev/null) && [ -n "$version" ] || {
+        record FAIL "pytest on $name" "(no usable venv at $VENVS/$name; run make venvs or make venvs-matrix)"
         return
     }
     # A throwaway AIRFLOW_HOME so nothing lands in ~/airflow; tests that need their own make their own.
     home=$(mktemp -d "$logs/airflow-home-$name.XXXXXX")
     log=$logs/pytest-$name.log
     ran_pytest=1
-    echo "==> pytest on Airflow $version ($name)"
+    echo "==> pytest on Airflow $version, Python $python ($name)"
     [ ${#line_timeout[@]} -gt 0 ] || echo "(no GNU timeout found: PYTEST_LINE_TIMEOUT does not apply)"
     # ${a[@]+"${a[@]}"}: an empty array under set -u on bash 3.2 (macOS)
     AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
@@ -96,12 +110,12 @@ pytest_line() {  # pytest_line <venv name> [test paths...]
     total_passed=$((total_passed + $(count passed "$closing")))
     total_failed=$((total_failed + $(count failed "$closing") + $(count error "$closing")))
     total_skipped=$((total_skipped + $(count skipped "$closing")))
-    local label="pytest on Airflow $version${paths:+ ($name)}"
+    local label="Airflow $version, Python $python ($name)" wall="($((SECONDS - step_start))s wall)"
     case $rc in
-        0) record ok "$label" "$closing" ;;
-        5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected}" ;;
-        124 | 137) record FAIL "$label" "stopped after ${PYTEST_LINE_TIMEOUT}s (PYTEST_LINE_TIMEOUT): ${closing:-no summary}" ;;
-        *) record FAIL "$label" "exit code $rc: ${closing:-no summary line}" ;;
+        0) record ok "$label" "$closing $wall" ;;
+        5) record FAIL "$label" "no tests ran (pytest exit code 5): ${closing:-nothing collected} $wall" ;;
+        124 | 137) record FAIL "$label" "stopped after ${PYTEST_LINE_TIMEOUT}s (PYTEST_LINE_TIMEOUT): ${closing:-no summary} $wall" ;;
+        *) record FAIL "$label" "exit code $rc: ${closing:-no summary line} $wall" ;;
     esac
 }
 
@@ -111,7 +125,10 @@ for step in "$@"; do
         af2 | af3) pytest_line "$step" ;;
         urllib3) pytest_line af2-urllib3 tests/unit/test_hook.py tests/unit/test_sensor.py tests/unit/test_transport_config.py ;;
         distributed) pytest_line af3-dist tests/distributed ;;
-        *) echo "test.sh: unknown step '$step' (expected all, lint, af2, af3, urllib3 or distributed)" >&2; exit 2 ;;
+        af30 | af31 | af32) pytest_line "$step" tests/unit "${MATRIX_E2E[@]}" ;;
+        af3-py312 | af3-py313) pytest_line "$step" tests/unit ;;
+        *) echo "test.sh: unknown step '$step' (expected all, lint, af2, af3, urllib3, distributed, matrix, af30, af31," \
+               "af32, af3-py312 or af3-py313)" >&2; exit 2 ;;
     esac
 done
 

@@ -22,6 +22,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from pydantic import SecretStr
+
 from airflow_provider_ppio import __version__
 from airflow_provider_ppio.exceptions import (
     PPIOAPIError,
@@ -331,7 +333,7 @@ def interpret_response(
     status: int,
     headers: Mapping[str, str],
     body: bytes,
-    secret: str,
+    secret: SecretStr,
     allow_empty: bool = False,
 ) -> Any:
     """
@@ -342,7 +344,8 @@ def interpret_response(
     :param status: HTTP status code.
     :param headers: Response headers (case-insensitive mapping).
     :param body: The whole response body.
-    :param secret: The API key, scrubbed from anything the server echoes back.
+    :param secret: The API key, scrubbed from anything the server echoes back. A ``SecretStr`` in every frame
+        that can raise, so a traceback printed with its frames' locals (Airflow 3.0's console does) hides it.
     :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
     """
     where = f"{method} {path}"
@@ -359,7 +362,9 @@ def interpret_response(
     raise error_for_status(status, headers, body, where=where, secret=secret)
 
 
-def decode_json(body: bytes, headers: Mapping[str, str], *, where: str, status: int, secret: str = "") -> Any:
+def decode_json(
+    body: bytes, headers: Mapping[str, str], *, where: str, status: int, secret: SecretStr | None = None
+) -> Any:
     """
     Decode a JSON body or raise :class:`PPIOBadResponseError` saying what arrived instead.
 
@@ -390,7 +395,9 @@ _ERROR_CLASSES: dict[int, type[PPIOAPIError]] = {
 }
 
 
-def error_for_status(status: int, headers: Mapping[str, str], body: bytes, *, where: str, secret: str) -> PPIOAPIError:
+def error_for_status(
+    status: int, headers: Mapping[str, str], body: bytes, *, where: str, secret: SecretStr
+) -> PPIOAPIError:
     """
     Build the typed error for an HTTP error response, with the API's message parsed defensively.
 
@@ -434,7 +441,7 @@ def _mentions_quota(*texts: str | None) -> bool:
     return any(text and "quota" in text.lower() for text in texts)
 
 
-def parse_error_body(body: bytes, secret: str = "") -> tuple[str | None, str | None]:
+def parse_error_body(body: bytes, secret: SecretStr | None = None) -> tuple[str | None, str | None]:
     """
     Find the message and reason in an error body of unknown shape.
 
@@ -464,7 +471,7 @@ def parse_error_body(body: bytes, secret: str = "") -> tuple[str | None, str | N
     return (message or snippet(text)), reason
 
 
-def _first_text(*candidates: Any, secret: str = "") -> str | None:
+def _first_text(*candidates: Any, secret: SecretStr | None = None) -> str | None:
     for candidate in candidates:
         if isinstance(candidate, str) and candidate.strip():
             return snippet(scrub(candidate, secret) or "")
@@ -479,15 +486,16 @@ def snippet(text: str) -> str:
     return flat if len(flat) <= _SNIPPET_CHARS else flat[: _SNIPPET_CHARS - 3] + "..."
 
 
-def scrub(text: str | None, secret: str) -> str | None:
+def scrub(text: str | None, secret: SecretStr | None) -> str | None:
     """
     Replace the API key in text the server sent back.
 
     :param text: Text from the server.
     :param secret: The API key.
     """
-    if text and secret and secret in text:
-        return text.replace(secret, "***")
+    key = secret.get_secret_value() if secret is not None else ""
+    if text and key and key in text:
+        return text.replace(key, "***")
     return text
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import requests
 import urllib3
+from pydantic import SecretStr
 
 from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._deadline import DeadlineAdapter, deadline
@@ -108,7 +109,7 @@ def send(
             status=response.status_code,
             headers=response.headers,
             body=body,
-            secret=settings.api_key,
+            secret=SecretStr(settings.api_key),
             allow_empty=allow_empty,
         )
 

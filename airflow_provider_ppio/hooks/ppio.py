@@ -12,6 +12,7 @@ from typing import Any
 import requests
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
+from pydantic import SecretStr
 from tenacity import Retrying
 
 from airflow_provider_ppio.exceptions import (
@@ -177,7 +178,9 @@ class PPIOHook(BaseHook):
         """
         path = prewarm_task_path(task_id)
         patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
-        return _the_task_asked_for(task_id, self.request("GET", path, patience=patience), self.settings.api_key)
+        return _the_task_asked_for(
+            task_id, self.request("GET", path, patience=patience), SecretStr(self.settings.api_key)
+        )
 
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
@@ -193,7 +196,7 @@ class PPIOHook(BaseHook):
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
         answer = await self.arequest("GET", path, patience=patience)
-        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).api_key)
+        return _the_task_asked_for(task_id, answer, SecretStr((await self.aget_settings()).api_key))
 
     def create_prewarm_task(
         self,
@@ -463,7 +466,7 @@ class PPIOHook(BaseHook):
         return True
 
 
-def _the_task_asked_for(task_id: str, answer: Any, secret: str) -> PrewarmTask:
+def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
     """
     Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
     with another one, and a gate must not open on someone else's prewarm).

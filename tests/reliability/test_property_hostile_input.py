@@ -22,6 +22,7 @@ from faultserver import FaultServer, respond
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matrix import API_KEY, TASK_ID, task_body
+from pydantic import SecretStr
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
 from airflow_provider_ppio.hooks._shared import interpret_response
@@ -207,7 +208,9 @@ def test_any_json_body_parses_to_a_usable_task_or_raises_the_typed_error(payload
 @given(body=st.one_of(st.binary(max_size=200), BODIES.map(lambda value: json.dumps(value).encode())))
 def test_any_200_body_decodes_or_raises_the_typed_error(body: bytes) -> None:
     try:
-        payload = interpret_response(method="GET", path=PREFIX + "x", status=200, headers={}, body=body, secret=API_KEY)
+        payload = interpret_response(
+            method="GET", path=PREFIX + "x", status=200, headers={}, body=body, secret=SecretStr(API_KEY)
+        )
     except PPIOBadResponseError:
         return
     _check_parsed(payload)

@@ -931,6 +931,30 @@ def test_key_not_in_repr_of_hook_or_settings(hook: PPIOHook, api_key: str) -> No
     assert "ppio_default" in repr(hook)
 
 
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        (401, {"json": {"message": "invalid API key"}}),
+        (200, {"text": "<html>maintenance</html>"}),
+        (200, {"json": {"task_id": "pw-someone-else", "status": {"status": "running"}}}),
+    ],
+    ids=["rejected-key", "not-json", "another-task"],
+)
+def test_key_not_in_the_locals_of_an_error_traceback(
+    hook: PPIOHook, requests_mock: rm.Mocker, task_url: str, api_key: str, status: int, answer: dict[str, Any]
+) -> None:
+    # Airflow 3.0's console (airflow dags test, tasks test) prints every frame's locals with a failed task's error.
+    requests_mock.get(task_url, status_code=status, **answer)
+    with pytest.raises(PPIOError) as info:
+        hook.get_prewarm_task("pw-1")
+    err = info.value
+    # From the hook's frames on (this test's own frame holds the key in `api_key`).
+    frames = traceback.TracebackException(type(err), err, info.tb.tb_next, capture_locals=True)
+    printed = "".join(frames.format())
+    assert "secret = SecretStr('**********')" in printed  # the frames that hold the key are there
+    assert_no_key(api_key, printed)
+
+
 def test_key_echoed_by_a_401_is_scrubbed(
     hook: PPIOHook,
     requests_mock: rm.Mocker,
