@@ -80,7 +80,7 @@ def make_rule(target: str) -> tuple[list[str], list[str]]:
 
 
 def all_test_steps() -> list[str]:
-    match = re.search(r'^\[ "\$1" = all \] && set -- (.+)$', (ROOT / "scripts" / "test.sh").read_text(), re.MULTILINE)
+    match = re.search(r"^\s*all\) steps\+=\((.+)\) ;;$", (ROOT / "scripts" / "test.sh").read_text(), re.MULTILINE)
     assert match, "scripts/test.sh no longer says what 'all' runs"
     return match.group(1).split()
 
