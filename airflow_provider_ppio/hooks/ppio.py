@@ -257,19 +257,12 @@ class PPIOHook(BaseHook):
         :param page_size: Tasks per request (``limit``).
         """
         query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
-        params = query.model_dump(exclude_none=True)
+        params: dict[str, Any] | None = query.model_dump(exclude_none=True)
         seen_cursors: set[str] = set()
-        while True:
+        while params is not None:
             page = PrewarmTaskPage.from_api(self.get(PREWARM_TASKS_PATH, params=params))
             yield from page.data
-            if not page.has_more or not page.next_cursor:
-                return
-            if page.next_cursor in seen_cursors:
-                raise PPIOBadResponseError(
-                    f"GET {PREWARM_TASKS_PATH}: the API returned cursor {page.next_cursor!r} twice"
-                )
-            seen_cursors.add(page.next_cursor)
-            params = {**params, "cursor": page.next_cursor}
+            params = _next_page(page, params, seen_cursors)
 
     async def alist_prewarm_tasks(
         self,
@@ -290,22 +283,15 @@ class PPIOHook(BaseHook):
         :param patient: Retry each page's transient errors until ``unreachable_timeout`` (as waits do).
         """
         query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
-        params = query.model_dump(exclude_none=True)
+        params: dict[str, Any] | None = query.model_dump(exclude_none=True)
         patience = Patience((await self.aget_settings()).unreachable_timeout, None) if patient else None
         seen_cursors: set[str] = set()
-        while True:
+        while params is not None:
             answer = await self.arequest("GET", PREWARM_TASKS_PATH, params=params, patience=patience)
             page = PrewarmTaskPage.from_api(answer)
             for task in page.data:
                 yield task
-            if not page.has_more or not page.next_cursor:
-                return
-            if page.next_cursor in seen_cursors:
-                raise PPIOBadResponseError(
-                    f"GET {PREWARM_TASKS_PATH}: the API returned cursor {page.next_cursor!r} twice"
-                )
-            seen_cursors.add(page.next_cursor)
-            params = {**params, "cursor": page.next_cursor}
+            params = _next_page(page, params, seen_cursors)
 
     def delete_prewarm_tasks(self, task_ids: Sequence[str]) -> None:
         """
@@ -464,6 +450,19 @@ class PPIOHook(BaseHook):
             return False
         self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
         return True
+
+
+def _next_page(page: PrewarmTaskPage, params: dict[str, Any], seen_cursors: set[str]) -> dict[str, Any] | None:
+    """
+    The query for the page after ``page``, or None after the last one; a cursor the API already gave
+    (a paging loop that would never end) is a bad response.
+    """
+    if not page.has_more or not page.next_cursor:
+        return None
+    if page.next_cursor in seen_cursors:
+        raise PPIOBadResponseError(f"GET {PREWARM_TASKS_PATH}: the API returned cursor {page.next_cursor!r} twice")
+    seen_cursors.add(page.next_cursor)
+    return {**params, "cursor": page.next_cursor}
 
 
 def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
