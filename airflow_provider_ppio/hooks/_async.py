@@ -23,7 +23,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
-from pydantic import SecretStr
 
 from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
@@ -102,7 +101,7 @@ async def send(
         status=response.status,
         headers=response.headers,
         body=bytes(body),
-        secret=SecretStr(settings.api_key),
+        secret=settings.secret,
         allow_empty=allow_empty,
     )
 

@@ -82,6 +82,12 @@ class ClientSettings:
     unreachable_timeout: float = DEFAULT_UNREACHABLE_TIMEOUT
     tls: TLSSettings = field(default_factory=lambda: tls_settings("", {}))
     proxy: str | None = None
+    #: The key as a ``SecretStr``, for every frame that can raise: a traceback printed with its frames' locals
+    #: (Airflow 3.0's console does) shows it masked.
+    secret: SecretStr = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secret", SecretStr(self.api_key))
 
     @classmethod
     def from_connection(

@@ -16,7 +16,6 @@ from typing import Any
 
 import requests
 import urllib3
-from pydantic import SecretStr
 
 from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._deadline import DeadlineAdapter, deadline
@@ -109,7 +108,7 @@ def send(
             status=response.status_code,
             headers=response.headers,
             body=body,
-            secret=SecretStr(settings.api_key),
+            secret=settings.secret,
             allow_empty=allow_empty,
         )
 

@@ -178,9 +178,7 @@ class PPIOHook(BaseHook):
         """
         path = prewarm_task_path(task_id)
         patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
-        return _the_task_asked_for(
-            task_id, self.request("GET", path, patience=patience), SecretStr(self.settings.api_key)
-        )
+        return _the_task_asked_for(task_id, self.request("GET", path, patience=patience), self.settings.secret)
 
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
@@ -196,7 +194,8 @@ class PPIOHook(BaseHook):
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
         answer = await self.arequest("GET", path, patience=patience)
-        return _the_task_asked_for(task_id, answer, SecretStr((await self.aget_settings()).api_key))
+        # Read again: a 401 during the call may have switched to a rotated key, the one the answer could echo.
+        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).secret)
 
     def create_prewarm_task(
         self,
