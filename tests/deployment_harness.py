@@ -366,6 +366,25 @@ class Deployment:
             return None
         return response.json() if "json" in response.headers.get("content-type", "") else response.text
 
+    def add_ppio_connection(self, extra: dict[str, Any]) -> None:
+        """
+        Put the PPIO connection in the way an operator would: through the REST API, pointing at the emulator.
+
+        :param extra: The connection's extras (timeouts, retries).
+        """
+        self.api(
+            "POST",
+            "/connections",
+            expect=201,
+            json={
+                "connection_id": CONN_ID,
+                "conn_type": "ppio",
+                "host": self.emulator_url,
+                "password": self.api_key,
+                "extra": json.dumps(extra),
+            },
+        )
+
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[dict[str, Any]]:
         """
         A task's whole log through the REST API: Airflow 3's structured entries (``event``, ``level``,
@@ -481,3 +500,17 @@ def failed(node: pytest.Item) -> bool:
     :param node: The test (``request.node``).
     """
     return node.stash.get(_FAILED, False)
+
+
+def checked(deployment: Deployment, node: pytest.Item) -> Iterator[Deployment]:
+    """
+    The body of a per-test fixture: the deployment, checked alive first; its components' logs printed
+    after a failed test.
+
+    :param deployment: The session's deployment.
+    :param node: The test (``request.node``).
+    """
+    deployment.check_alive()
+    yield deployment
+    if failed(node):
+        sys.stderr.write(deployment.dump_logs() + "\n")

@@ -8,14 +8,12 @@ PPIO emulator in this process.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deployment_harness import API_KEY, CONN_ID, Deployment, failed, output_dir, record_call_outcome, running
+from deployment_harness import API_KEY, Deployment, checked, output_dir, record_call_outcome, running
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,19 +51,7 @@ def _deployment(
 ) -> Iterator[Deployment]:
     home = tmp_path_factory.mktemp("airflow-home")
     with running(Deployment(home, deployment_out, deployment_emulator.base_url)) as deployment:
-        # The connection goes in the way an operator would put it: through the REST API.
-        deployment.api(
-            "POST",
-            "/connections",
-            expect=201,
-            json={
-                "connection_id": CONN_ID,
-                "conn_type": "ppio",
-                "host": deployment_emulator.base_url,
-                "password": API_KEY,
-                "extra": json.dumps({"backoff_initial": 0.01, "max_attempts": 3, "timeout": 10}),
-            },
-        )
+        deployment.add_ppio_connection({"backoff_initial": 0.01, "max_attempts": 3, "timeout": 10})
         yield deployment
 
 
@@ -79,7 +65,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def deployment(_deployment: Deployment, request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """The running deployment; prints the components' logs after a failed test."""
-    _deployment.check_alive()
-    yield _deployment
-    if failed(request.node):
-        sys.stderr.write(_deployment.dump_logs() + "\n")
+    yield from checked(_deployment, request.node)

@@ -14,7 +14,6 @@ import atexit
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,9 @@ from typing import Any
 import pytest
 from deployment_harness import (
     API_KEY,
-    CONN_ID,
     Component,
     Deployment,
-    failed,
+    checked,
     output_dir,
     record_call_outcome,
     running,
@@ -152,19 +150,23 @@ def distributed_emulator() -> Iterator[Any]:
         yield server
 
 
+def _serving(server: Any) -> Iterator[Any]:
+    """Start a server for the session and stop it at the end, also if the session ends without teardown."""
+    atexit.register(server.stop)  # stop() is idempotent
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        atexit.unregister(server.stop)
+
+
 @pytest.fixture(scope="session")
 def postgres(distributed_out: Path) -> Iterator[Any]:
     """A throwaway PostgreSQL cluster (see servers.py)."""
     from servers import PostgresCluster
 
-    cluster = PostgresCluster(distributed_out / "process-logs")
-    atexit.register(cluster.stop)  # if the session ends without teardown; stop() is idempotent
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        atexit.unregister(cluster.stop)
+    yield from _serving(PostgresCluster(distributed_out / "process-logs"))
 
 
 @pytest.fixture(scope="session")
@@ -172,14 +174,7 @@ def redis(distributed_out: Path) -> Iterator[Any]:
     """A Redis server, the Celery broker (see servers.py)."""
     from servers import RedisServer
 
-    server = RedisServer(distributed_out / "process-logs")
-    atexit.register(server.stop)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        atexit.unregister(server.stop)
+    yield from _serving(RedisServer(distributed_out / "process-logs"))
 
 
 @pytest.fixture(scope="session")
@@ -193,19 +188,8 @@ def _distributed(
     home = tmp_path_factory.mktemp("airflow-home")
     deployment = DistributedDeployment(home, distributed_out, distributed_emulator.base_url, postgres.url, redis.url)
     with running(deployment) as started:
-        started.api(
-            "POST",
-            "/connections",
-            expect=201,
-            json={
-                "connection_id": CONN_ID,
-                "conn_type": "ppio",
-                "host": distributed_emulator.base_url,
-                "password": API_KEY,
-                # A create whose answer does not come within 30 s is looked for by its marker (operators/prewarm.py).
-                "extra": json.dumps({"backoff_initial": 0.05, "max_attempts": 4, "timeout": 30}),
-            },
-        )
+        # A create whose answer does not come within 30 s is looked for by its marker (operators/prewarm.py).
+        started.add_ppio_connection({"backoff_initial": 0.05, "max_attempts": 4, "timeout": 30})
         yield started
 
 
@@ -235,7 +219,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 def distributed(_distributed: DistributedDeployment, request: pytest.FixtureRequest) -> Iterator[Deployment]:
     """The running distributed deployment; prints the components' logs after a failed test."""
-    _distributed.check_alive()
-    yield _distributed
-    if failed(request.node):
-        sys.stderr.write(_distributed.dump_logs() + "\n")
+    yield from checked(_distributed, request.node)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from faultserver import FaultServer, RefusedPort
+from trigger_runs import first_event
 
 TASK_ID = "pwt-reliability"
 TASK_PATH = f"/gpus/v2/prewarm-tasks/{TASK_ID}"
@@ -919,14 +920,3 @@ def excerpt(message: str, around: str, width: int = 110) -> str:
     start = max(0, min(text.find(around) - 20, len(text) - width)) if around in text else 0
     cut = text[start : start + width]
     return ("…" if start else "") + cut + ("…" if start + width < len(text) else "")
-
-
-async def first_event(trigger: Any) -> dict[str, Any]:
-    """Run a trigger as the triggerer does and return the payload of its first event."""
-    try:
-        async for event in trigger.run():
-            payload: dict[str, Any] = event.payload
-            return payload
-        raise AssertionError("the trigger ended without an event")
-    finally:
-        await trigger.cleanup()

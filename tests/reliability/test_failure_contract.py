@@ -45,8 +45,8 @@ from airflow.providers.common.compat.sdk import (
 )
 from contract import CREATE_MODES, FAIL, ROW_BY_KEY, SKIP, WAIT, Cell, Row, cell, cells
 from faultserver import FaultServer, RefusedPort, respond
-from matrix import first_event
 from packaging.version import Version
+from trigger_runs import first_event
 
 try:
     from airflow.sdk.exceptions import AirflowRescheduleException

@@ -27,8 +27,6 @@ from typing import Any
 
 from aiohttp import web
 
-from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
-
 Behaviour = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TASKS = "/gpus/v2/prewarm-tasks"
 
@@ -342,14 +340,3 @@ class RotatingKeyAPI:
     def rotate(self, new_key: str) -> None:
         """From now on only ``new_key`` is accepted."""
         self.accepted = new_key
-
-
-async def first_event(trigger: PrewarmTaskTrigger) -> dict[str, Any]:
-    """Run the trigger as the triggerer does and return the payload of its first event."""
-    try:
-        async for event in trigger.run():
-            payload: dict[str, Any] = event.payload
-            return payload
-        raise AssertionError("the trigger ended without an event")
-    finally:
-        await trigger.cleanup()

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aio_server import RotatingKeyAPI, api_server, first_event
+from aio_server import RotatingKeyAPI, api_server
+from trigger_runs import first_event
 
 from airflow_provider_ppio.exceptions import PPIOAuthError
 from airflow_provider_ppio.hooks import ppio as ppio_hook_module

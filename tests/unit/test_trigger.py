@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from aio_server import TASKS, ApiServer, api_server, first_event, hang, reply_json, task_body, warnings_in
+from aio_server import TASKS, ApiServer, api_server, hang, reply_json, task_body, warnings_in
 from aiohttp import web
+from trigger_runs import first_event
 
 from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
 from airflow_provider_ppio.models import PrewarmTask
