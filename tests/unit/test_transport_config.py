@@ -18,13 +18,13 @@ from aio_server import (
     TASKS,
     ApiServer,
     api_server,
-    first_event,
     reply_bytes,
     reply_gzip,
     reply_json,
     task_body,
     warnings_in,
 )
+from trigger_runs import first_event
 
 from airflow_provider_ppio.exceptions import (
     PPIOBadResponseError,
