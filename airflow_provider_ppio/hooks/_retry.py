@@ -131,21 +131,26 @@ def retry_arguments(
 async def retry_async(policy: dict[str, Any], attempt: Callable[[], Awaitable[T]]) -> T:
     """
     Run ``attempt`` under ``policy`` in the event loop: ``tenacity.Retrying``'s own decisions, with the waits
-    awaited. ``AsyncRetrying`` would do the same but inspect every callback again on every call, and every
-    trigger poll is one call.
+    awaited. The first try runs before any retry state is built, since every trigger poll is one call and
+    almost all of them succeed at once; ``AsyncRetrying`` would also inspect every callback again per call.
 
     :param policy: What :func:`retry_arguments` returns.
     :param attempt: One try (a new coroutine per call).
     """
+    try:
+        return await attempt()
+    except BaseException:  # the policy decides; what it does not retry, iter() raises
+        first_failure = sys.exc_info()
     retrying = Retrying(**policy)
     retrying.begin()
     state = RetryCallState(retrying, fn=None, args=(), kwargs={})
+    state.set_exception(first_failure)  # type: ignore[arg-type]
     while True:
         action = retrying.iter(retry_state=state)
         if isinstance(action, DoAttempt):
             try:
                 state.set_result(await attempt())
-            except BaseException:  # the policy decides; what it does not retry, iter() raises
+            except BaseException:
                 state.set_exception(sys.exc_info())  # type: ignore[arg-type]
         elif isinstance(action, DoSleep):
             state.prepare_for_next_attempt()

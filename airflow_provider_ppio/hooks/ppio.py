@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -315,14 +316,7 @@ class PPIOHook(BaseHook):
         """
         try:
             settings = self.settings
-            quick = ClientSettings(
-                base_url=settings.base_url,
-                api_key=settings.api_key,
-                timeout=min(settings.timeout, 10.0),
-                max_attempts=1,
-                tls=settings.tls,
-                proxy=settings.proxy,
-            )
+            quick = dataclasses.replace(settings, timeout=min(settings.timeout, 10.0), max_attempts=1)
             self.request("GET", PREWARM_TASKS_PATH, params={"limit": 1}, settings=quick)
         except PPIOAuthError as err:
             return False, f"The API key was refused (HTTP {err.http_status}): {err.api_message or err}"

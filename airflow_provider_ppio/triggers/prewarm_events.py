@@ -22,7 +22,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from airflow import __version__ as _AIRFLOW_VERSION
 from airflow.providers.common.compat.sdk import AirflowException
@@ -31,6 +31,7 @@ from airflow.triggers.base import TriggerEvent
 from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import check_seconds
+from airflow_provider_ppio.models import PrewarmTask
 from airflow_provider_ppio.status import TERMINAL_STATES, PrewarmTaskState
 from airflow_provider_ppio.triggers.prewarm import _JITTER, MIN_DEFERRED_POKE_INTERVAL
 
@@ -38,9 +39,6 @@ try:
     from airflow.triggers.base import BaseEventTrigger
 except ImportError:  # Airflow 2: no event-driven scheduling; __init__ says so
     from airflow.triggers.base import BaseTrigger as BaseEventTrigger  # type: ignore[assignment]
-
-if TYPE_CHECKING:
-    from airflow_provider_ppio.models import PrewarmTask
 
 #: Statuses a watcher can report: the two a prewarm task ends in.
 WATCHABLE_STATUSES: Final = tuple(sorted(state.value for state in TERMINAL_STATES))
@@ -320,8 +318,6 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
 
         :param shared_stream: The walks (see :meth:`open_shared_stream`).
         """
-        from airflow_provider_ppio.models import PrewarmTask
-
         ledger = await self._load_ledger()
         async for snapshot in shared_stream:
             tasks = [task for task in map(PrewarmTask.from_api, snapshot["tasks"]) if self._watches(task)]
