@@ -1,5 +1,6 @@
 """
-The async transport: ``aiohttp``, one shared session per event loop and TLS/proxy setting.
+The async transport: ``aiohttp``, one shared session per event loop and TLS/proxy setting, and
+connection lookups shared by the hooks of one loop.
 
 Thousands of triggers share one triggerer loop. They share one ``aiohttp.ClientSession`` whose
 connector bounds the open connections (requests beyond the bound wait in its queue, inside each
@@ -19,10 +20,12 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+from airflow.providers.common.compat.sdk import mask_secret
 
 from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
@@ -38,6 +41,9 @@ from airflow_provider_ppio.hooks._shared import (
     transport_error,
     undecodable,
 )
+
+if TYPE_CHECKING:
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
 
 #: Most connections one shared session opens; more requests in flight wait in its queue.
 MAX_CONNECTIONS = 50
@@ -214,3 +220,54 @@ class _Lease:
 
 #: The process-wide sessions every :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook` uses.
 SHARED_SESSIONS = SharedSessions()
+
+
+_ConnectionFields = tuple[str | None, str | None, dict[str, Any]]
+
+
+class SharedConnectionLookups:
+    """
+    Concurrent async lookups of one connection on one event loop share a single lookup.
+
+    A triggerer that restarts resumes all its triggers at once, and each one's hook would look the
+    connection up (a round trip to the supervisor or the database, and on older Airflow a turn on one
+    shared worker thread). Only lookups in flight are shared, nothing is kept after: a rotated key is
+    seen by the next lookup.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[type[PPIOHook], str], asyncio.Task[_ConnectionFields]]
+        ] = weakref.WeakKeyDictionary()
+
+    async def read(self, hook: PPIOHook) -> _ConnectionFields:
+        """
+        The host, password and extras of ``hook``'s connection, from the lookup in flight if there is one.
+
+        :param hook: Its class and connection id identify the lookup (a subclass may read connections its way).
+        """
+        loop = asyncio.get_running_loop()
+        key = (type(hook), hook.ppio_conn_id)
+        with self._lock:
+            lookups = self._by_loop.setdefault(loop, {})
+            lookup = lookups.get(key)
+            if lookup is None:
+                lookup = lookups[key] = loop.create_task(self._lookup(hook))
+                lookup.add_done_callback(lambda done: lookups.pop(key, None) if lookups.get(key) is done else None)
+        # One waiter's cancellation (its trigger ended) must not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    @staticmethod
+    async def _lookup(hook: PPIOHook) -> _ConnectionFields:
+        conn = await get_async_connection(hook.ppio_conn_id, hook)
+        extra = await get_async_extra_dejson(conn)
+        if conn.password and conn.password.strip():
+            # The key as the hook sends it (stripped). Masking may talk to the supervisor synchronously:
+            # keep it off the event loop.
+            await asyncio.to_thread(mask_secret, conn.password.strip())
+        return conn.host, conn.password, extra
+
+
+#: The lookups every :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook` shares.
+CONNECTION_LOOKUPS = SharedConnectionLookups()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
 
 import requests
-from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import SecretStr
 from tenacity import Retrying
@@ -130,7 +126,7 @@ class PPIOHook(BaseHook):
     async def aget_settings(self) -> ClientSettings:
         """The same settings as :attr:`settings`, resolved without blocking the event loop."""
         if self._async_settings is None:
-            host, password, extra = await _CONNECTION_LOOKUPS.read(self)
+            host, password, extra = await _async.CONNECTION_LOOKUPS.read(self)
             self._async_settings = self._build_settings(host, password, extra)
         return self._async_settings
 
@@ -468,53 +464,3 @@ def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> Prewarm
         returned = snippet(scrub(repr(task.task_id), secret) or "")
         raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
     return task
-
-
-_ConnectionFields = tuple[str | None, str | None, dict[str, Any]]
-
-
-class _SharedConnectionLookups:
-    """
-    Concurrent async lookups of one connection on one event loop share a single lookup.
-
-    A triggerer that restarts resumes all its triggers at once, and each one's hook would look the
-    connection up (a round trip to the supervisor or the database, and on older Airflow a turn on one
-    shared worker thread). Only lookups in flight are shared, nothing is kept after: a rotated key is
-    seen by the next lookup.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[tuple[type[PPIOHook], str], asyncio.Task[_ConnectionFields]]
-        ] = weakref.WeakKeyDictionary()
-
-    async def read(self, hook: PPIOHook) -> _ConnectionFields:
-        """
-        The host, password and extras of ``hook``'s connection, from the lookup in flight if there is one.
-
-        :param hook: Its class and connection id identify the lookup (a subclass may read connections its way).
-        """
-        loop = asyncio.get_running_loop()
-        key = (type(hook), hook.ppio_conn_id)
-        with self._lock:
-            lookups = self._by_loop.setdefault(loop, {})
-            lookup = lookups.get(key)
-            if lookup is None:
-                lookup = lookups[key] = loop.create_task(self._lookup(hook))
-                lookup.add_done_callback(lambda done: lookups.pop(key, None) if lookups.get(key) is done else None)
-        # One waiter's cancellation (its trigger ended) must not cancel the others' lookup.
-        return await asyncio.shield(lookup)
-
-    @staticmethod
-    async def _lookup(hook: PPIOHook) -> _ConnectionFields:
-        conn = await get_async_connection(hook.ppio_conn_id, hook)
-        extra = await get_async_extra_dejson(conn)
-        if conn.password and conn.password.strip():
-            # The key as the hook sends it (stripped). Masking may talk to the supervisor synchronously:
-            # keep it off the event loop.
-            await asyncio.to_thread(mask_secret, conn.password.strip())
-        return conn.host, conn.password, extra
-
-
-_CONNECTION_LOOKUPS = _SharedConnectionLookups()

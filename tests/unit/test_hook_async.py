@@ -47,7 +47,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.hooks import _async
-from airflow_provider_ppio.hooks import ppio as ppio_hook_module
+from airflow_provider_ppio.hooks import _async as async_transport_module
 from airflow_provider_ppio.hooks._async import SHARED_SESSIONS, SharedSessions
 from airflow_provider_ppio.hooks._shared import MAX_BODY_BYTES, ClientSettings, TLSSettings
 from airflow_provider_ppio.hooks.ppio import PPIOHook
@@ -383,7 +383,7 @@ async def test_concurrent_lookups_of_a_connection_are_shared_but_not_kept(
 ) -> None:
     # What a triggerer restart does: every resumed trigger's hook looks the same connection up at once.
     set_conn("ppio_shared", extra={"max_attempts": 2})
-    real = ppio_hook_module.get_async_connection
+    real = async_transport_module.get_async_connection
     lookups: list[str] = []
 
     async def counted(conn_id: str, hook: Any = None) -> Any:
@@ -391,7 +391,7 @@ async def test_concurrent_lookups_of_a_connection_are_shared_but_not_kept(
         await asyncio.sleep(0.05)
         return await real(conn_id, hook)
 
-    monkeypatch.setattr(ppio_hook_module, "get_async_connection", counted)
+    monkeypatch.setattr(async_transport_module, "get_async_connection", counted)
     hooks = [PPIOHook("ppio_shared", max_attempts=n) for n in range(1, 201)]
     impatient = asyncio.create_task(hooks[0].aget_settings())
     await asyncio.sleep(0)

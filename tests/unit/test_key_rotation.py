@@ -17,7 +17,7 @@ from aio_server import RotatingKeyAPI, api_server
 from trigger_runs import first_event
 
 from airflow_provider_ppio.exceptions import PPIOAuthError
-from airflow_provider_ppio.hooks import ppio as ppio_hook_module
+from airflow_provider_ppio.hooks import _async as async_transport_module
 from airflow_provider_ppio.hooks.ppio import PPIOHook
 from airflow_provider_ppio.sensors.prewarm import PrewarmTaskSensor
 from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
@@ -45,7 +45,7 @@ def connection_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
     in_async = contextvars.ContextVar("in_async", default=False)
     real_sync = PPIOHook.get_connection.__func__  # type: ignore[attr-defined]
-    real_async = ppio_hook_module.get_async_connection
+    real_async = async_transport_module.get_async_connection
 
     def get_connection(cls: type[PPIOHook], conn_id: str) -> Any:
         if not in_async.get():
@@ -61,7 +61,7 @@ def connection_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             in_async.reset(token)
 
     monkeypatch.setattr(PPIOHook, "get_connection", classmethod(get_connection))
-    monkeypatch.setattr(ppio_hook_module, "get_async_connection", get_async_connection)
+    monkeypatch.setattr(async_transport_module, "get_async_connection", get_async_connection)
     return reads
 
 
