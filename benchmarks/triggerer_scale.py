@@ -11,6 +11,10 @@ a triggerer does); the driver measures it from outside, so measuring costs the w
 * most open sockets (``/proc/<pid>/fd`` entries that are sockets, sampled every 0.25 s);
 * events lost: waits that did not fire exactly one event saying "done" once the server says so.
 
+Next to the two triggers, ``bare aiohttp`` is the floor: N coroutines that poll our task path the same way
+with nothing but one aiohttp session (the same 50-connection limit) and ``json.loads``; what any aiohttp
+poller pays in this loop, measured in the same run.
+
 Outage runs (``--outage 503 hang``): ``--outage-waits`` ``PrewarmTaskTrigger`` waits, all due
 ``--outage-deadline`` seconds after they start, against the same server switched to answer every
 prewarm-task request with a 503 at once (``503``) or to read it and never answer (``hang``; the
@@ -66,6 +70,11 @@ from _common import TASK_BODY, LoadSampler, machine, make_tls_files, median, tab
 API_KEY = "sk_bench_triggerer_scale"
 OURS = "PrewarmTaskTrigger"
 THEIRS = "HttpSensorTrigger"
+#: Not a trigger: N coroutines polling the same task path with one bare aiohttp session (same 50-connection
+#: limit, keep-alive), a GET and ``json.loads`` per poll: what any aiohttp poller pays in this loop.
+FLOOR = "bare aiohttp"
+#: Which of the server's request counters counts a kind's polls (the floor polls our path).
+COUNTER = {OURS: OURS, THEIRS: THEIRS, FLOOR: OURS}
 MARKER = "@@bench "
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Triggerer scale"
@@ -209,6 +218,40 @@ def call(port: int, method: str, path: str, tls_dir: str | None) -> dict[str, An
 # -- worker (its own process): N triggers in one event loop ---------------------------------------------
 
 
+class BarePoller:
+    """The floor, shaped like a trigger: poll with one shared bare aiohttp session until the task succeeded."""
+
+    session: Any = None
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+
+    async def run(self) -> Any:
+        import random
+
+        import aiohttp
+
+        if BarePoller.session is None:
+            tls = None
+            if self.url.startswith("https"):
+                import ssl
+
+                tls = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+            connector = aiohttp.TCPConnector(limit=50, ssl=tls if tls is not None else False)
+            BarePoller.session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        while True:
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+            async with BarePoller.session.get(self.url, headers=headers) as response:
+                response.raise_for_status()
+                if json.loads(await response.read())["status"]["status"] == "succeeded":
+                    break
+        yield type("Event", (), {"payload": True})()
+
+    async def cleanup(self) -> None:
+        pass
+
+
 def worker(kind: str, count: int, port: int, interval: float, limit: float, scheme: str) -> None:
     """Run ``count`` triggers of ``kind`` in one loop until each fired or ``limit`` seconds passed."""
     os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="bench-airflow-"))
@@ -231,6 +274,13 @@ def worker(kind: str, count: int, port: int, interval: float, limit: float, sche
 
         def done(payload: Any) -> bool:
             return isinstance(payload, dict) and payload.get("status") == "success"
+    elif kind == FLOOR:
+        triggers = [
+            BarePoller(f"{scheme}://127.0.0.1:{port}/gpus/v2/prewarm-tasks/pw-{n}", interval) for n in range(count)
+        ]
+
+        def done(payload: Any) -> bool:
+            return payload is True
     else:
         from airflow.providers.http.triggers.http import HttpSensorTrigger
 
@@ -439,9 +489,9 @@ def run_one(kind: str, count: int, port: int, interval: float, rounds: int, tls_
     try:
         expect("started", 120)
         time.sleep(1.5 * interval)  # start-up and the first round of polls are not steady state
-        cpu0, polls0 = cpu_seconds(proc.pid), call(port, "GET", "/_stats", tls_dir)[kind]
+        cpu0, polls0 = cpu_seconds(proc.pid), call(port, "GET", "/_stats", tls_dir)[COUNTER[kind]]
         time.sleep(rounds * interval)
-        cpu1, polls1 = cpu_seconds(proc.pid), call(port, "GET", "/_stats", tls_dir)[kind]
+        cpu1, polls1 = cpu_seconds(proc.pid), call(port, "GET", "/_stats", tls_dir)[COUNTER[kind]]
         call(port, "POST", "/_release", tls_dir)
         done = expect("done", limit)
     finally:
@@ -634,7 +684,7 @@ def summarize(results: list[Result]) -> list[list[Any]]:
     rows = []
     for scheme, count, interval in sorted({(r.scheme, r.count, r.interval) for r in results}, reverse=True):
         cpu: dict[str, float] = {}
-        for kind in (OURS, THEIRS):
+        for kind in (OURS, THEIRS, FLOOR):
             runs = [r for r in results if (r.scheme, r.count, r.kind) == (scheme, count, kind)]
             if not runs:
                 continue
@@ -653,11 +703,13 @@ def summarize(results: list[Result]) -> list[list[Any]]:
                     len(runs),
                 ]
             )
-        if len(cpu) == 2:
-            # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
-            usable = all(0 < value < float("inf") for value in cpu.values())
-            ratio = f"**{cpu[OURS] / cpu[THEIRS]:.2f}**" if usable else "n/a"
-            rows.append([scheme, f"{count:,}", "", "**ratio ours / theirs**", "", ratio, "", "", "", ""])
+        for other, label in ((THEIRS, "**ratio ours / theirs**"), (FLOOR, "ratio ours / bare aiohttp")):
+            if OURS in cpu and other in cpu:
+                # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
+                usable = all(0 < cpu[kind] < float("inf") for kind in (OURS, other))
+                ratio = f"{cpu[OURS] / cpu[other]:.2f}" if usable else "n/a"
+                ratio = f"**{ratio}**" if other == THEIRS else ratio
+                rows.append([scheme, f"{count:,}", "", label, "", ratio, "", "", "", ""])
     return rows
 
 
@@ -743,7 +795,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per (scheme, N, trigger); figures are medians")
     parser.add_argument("--interval", type=float, help="poke_interval of every trigger (default: N / 500, >= 5 s)")
     parser.add_argument("--rounds", type=int, default=3, help="poke intervals in the measured window")
-    parser.add_argument("--kinds", nargs="+", default=[OURS, THEIRS], choices=[OURS, THEIRS], help="triggers to run")
+    parser.add_argument(
+        "--kinds", nargs="+", default=[OURS, THEIRS, FLOOR], choices=[OURS, THEIRS, FLOOR], help="what to run"
+    )
     parser.add_argument("--outage", nargs="*", default=[], choices=sorted(OUTAGE_MODES), help="outage scenarios")
     parser.add_argument("--outage-waits", type=int, default=1000, help="concurrent waits in an outage run")
     parser.add_argument("--outage-interval", type=float, default=1.0, help="poke_interval in an outage run")
@@ -774,7 +828,7 @@ def main() -> None:
                 for repeat in range(args.repeats if args.counts else 0):
                     for count in args.counts:
                         interval = args.interval or auto_interval(count)
-                        kinds = [kind for kind in (OURS, THEIRS) if kind in args.kinds]
+                        kinds = [kind for kind in (OURS, THEIRS, FLOOR) if kind in args.kinds]
                         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
                             result = run_one(kind, count, port, interval, args.rounds, tls_dir)
                             results.append(result)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import socket
 import ssl
 import threading
@@ -60,7 +61,7 @@ async def send(
     allow_empty: bool,
 ) -> Any:
     """
-    One attempt, bounded as a whole by the timeout (queueing for a connection, headers and body).
+    One attempt, bounded as a whole by the timeout (see :func:`_timeouts`).
 
     :param session: A session leased from :data:`SHARED_SESSIONS`.
     :param settings: Base URL, key and timeouts.
@@ -73,26 +74,23 @@ async def send(
     where = f"{method} {path}"
     headers: Any = request_headers(settings, json_body=json is not None)
     try:
-        async with asyncio.timeout(settings.timeout):
-            async with session.request(
-                method,
-                settings.base_url + path,
-                params=params,
-                json=json,
-                headers=headers,
-                allow_redirects=False,
-                proxy=settings.proxy,
-                # ``connect`` also bounds the wait for a pooled connection: a request that queued most of its
-                # timeout away is not sent only to be cut, it fails as "never sent" and may be retried.
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=settings.timeout / 2, sock_connect=settings.connect_timeout
-                ),
-            ) as response:
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_BODY_BYTES:
-                        raise too_large(where)
+        async with session.request(
+            method,
+            settings.base_url + path,
+            params=params,
+            json=json,
+            headers=headers,
+            allow_redirects=False,
+            proxy=settings.proxy,
+            timeout=_timeouts(settings.timeout, settings.connect_timeout),
+        ) as response:
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(65536):
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large(where)
+    except aiohttp.ConnectionTimeoutError as err:  # connecting, or queueing for a connection: never sent
+        raise _transport_error(where, settings, err) from None
     except TimeoutError:
         raise timeout_error(where, settings) from None
     except aiohttp.ClientPayloadError as err:
@@ -109,6 +107,22 @@ async def send(
         body=bytes(body),
         secret=settings.secret,
         allow_empty=allow_empty,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _timeouts(timeout: float, connect_timeout: float) -> aiohttp.ClientTimeout:
+    """
+    The bounds of one attempt, as aiohttp applies them.
+
+    ``total`` bounds the whole attempt: queueing for a connection, connecting, the headers and the body (a
+    trickling server included), never rounded up. ``connect`` also bounds the wait for a pooled connection:
+    a request that queued half its timeout away fails as never sent (and may be retried) instead of being
+    sent only to be cut.
+    """
+    # aiohttp rounds deadlines from ``ceil_threshold`` up to whole seconds; an infinite one keeps them exact.
+    return aiohttp.ClientTimeout(
+        total=timeout, connect=timeout / 2, sock_connect=connect_timeout, ceil_threshold=math.inf
     )
 
 

@@ -113,20 +113,24 @@ def test_async_transport_compares_three_clients_on_one_keep_alive_connection() -
 
 
 @pytest.mark.timeout(240)
-def test_triggerer_scale_runs_both_triggers_and_every_wait_fires(tmp_path: Path) -> None:
+def test_triggerer_scale_runs_both_triggers_and_the_floor_and_every_wait_fires(tmp_path: Path) -> None:
     output = run_script(
         *("triggerer_scale.py", "--counts", "5", "--repeats", "1", "--interval", "0.2", "--rounds", "1"),
         *("--json", str(tmp_path / "runs.json")),
     )
 
     ours, theirs = rows_with(output, "`PrewarmTaskTrigger`"), rows_with(output, "`HttpSensorTrigger`")
-    assert [row[0] for row in ours] == ["https", "http"] and [row[0] for row in theirs] == ["https", "http"]
-    for row in ours + theirs:
+    floor = rows_with(output, "`bare aiohttp`")
+    for rows in (ours, theirs, floor):
+        assert [row[0] for row in rows] == ["https", "http"], output
+    for row in ours + theirs + floor:
         assert row[7] == "0", row  # events lost
+    assert len(rows_with(output, "ratio ours / bare aiohttp")) == 2, output
     # Every run is in the JSON, in the shape benchmarks/plot.py draws (N, RSS, CPU per poll, lost).
     plot = plot_module()
     series = plot.growth_series(plot.load(tmp_path / "runs.json", "triggerer_scale"))
-    assert sorted(series) == [(s, k) for s in ("http", "https") for k in ("HttpSensorTrigger", "PrewarmTaskTrigger")]
+    kinds = ("HttpSensorTrigger", "PrewarmTaskTrigger", "bare aiohttp")
+    assert sorted(series) == [(s, k) for s in ("http", "https") for k in kinds]
     for points in series.values():
         ((count, rss, cpu, lost),) = points
         # CPU per poll may round to 0 in this tiny window (the worker's CPU clock ticks in 10 ms steps).

@@ -595,9 +595,10 @@ async def test_waiting_for_a_pooled_connection_counts_in_the_timeout(server: Api
         while not server.seen:
             await asyncio.sleep(0.01)
         started = time.monotonic()
-        with pytest.raises(PPIOTimeoutError, match=r"within 0\.3s"):
+        with pytest.raises(PPIOTimeoutError, match=r"within 0\.3s") as info:
             await get(session, quick)  # queued behind the stuck request: bounded all the same
         assert time.monotonic() - started < 2
+        assert info.value.request_sent is False  # it never left the queue: even a create may be retried
         stuck.cancel()
         with pytest.raises(asyncio.CancelledError):
             await stuck
