@@ -282,3 +282,25 @@ if __name__ == "__main__":
         _serve_minimal(*sys.argv[3:]) if sys.argv[2] == "minimal" else _serve_emulator()
     else:
         sys.exit("usage: python benchmarks/_common.py serve minimal|emulator [TLS_DIR]")
+
+
+class Quiet:
+    """Send fds 1 and 2 to /dev/null while measuring (task and trigger logs are formatted and written, not shown)."""
+
+    def __enter__(self) -> Quiet:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = (os.dup(1), os.dup(2))
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        os.close(self.saved[0])
+        os.close(self.saved[1])

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     TASK_PATH,
     LoadSampler,
+    Quiet,
     Server,
     machine,
     make_tls_files,
@@ -66,28 +67,6 @@ async def per_call(call: Call, n: int) -> tuple[float, float]:
     for _ in range(n):
         await call()
     return (time.process_time() - cpu0) / n, (time.perf_counter() - wall0) / n
-
-
-class Quiet:
-    """Send fds 1 and 2 to /dev/null (the triggers' log lines are formatted and written, not shown)."""
-
-    def __enter__(self) -> Quiet:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.saved = (os.dup(1), os.dup(2))
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        os.close(null)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
-        os.close(self.saved[0])
-        os.close(self.saved[1])
 
 
 class Contenders:

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     TASK_PATH,
     LoadSampler,
+    Quiet,
     Server,
     machine,
     median,
@@ -153,28 +154,6 @@ def _before_fixes(server: Server) -> dict[str, Callable[[], Any]]:
             _deadline._WATCHDOG = shared
 
     return {"ppio, env read per call": lambda: env_per_call.poke({}), "ppio, thread per call": poke_thread_per_call}
-
-
-class Quiet:
-    """Send fds 1 and 2 to /dev/null while timing (task logs are formatted and written, not shown)."""
-
-    def __enter__(self) -> Quiet:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.saved = (os.dup(1), os.dup(2))
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        os.close(null)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(self.saved[0], 1)
-        os.dup2(self.saved[1], 2)
-        os.close(self.saved[0])
-        os.close(self.saved[1])
 
 
 def measure(
