@@ -482,15 +482,19 @@ def running(deployment: Deployment) -> Iterator[Deployment]:
 _FAILED = pytest.StashKey[bool]()
 
 
-def record_call_outcome(item: pytest.Item, report: pytest.TestReport) -> None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """
-    Remember whether a test's call phase failed (for :func:`failed`); call from ``pytest_runtest_makereport``.
+    Remember whether a test's call phase failed (for :func:`failed`). A conftest that uses :func:`checked`
+    imports this hook by its name, which is how pytest finds it there.
 
     :param item: The test.
-    :param report: Its report.
+    :param call: Its phase.
     """
+    report = yield
     if report.when == "call":
         item.stash[_FAILED] = report.failed
+    return report
 
 
 def failed(node: pytest.Item) -> bool:

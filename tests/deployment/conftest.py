@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deployment_harness import API_KEY, Deployment, checked, output_dir, record_call_outcome, running
+from deployment_harness import (
+    API_KEY,
+    Deployment,
+    checked,
+    output_dir,
+    pytest_runtest_makereport,  # noqa: F401 - a hook: importing it registers it here
+    running,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,13 +60,6 @@ def _deployment(
     with running(Deployment(home, deployment_out, deployment_emulator.base_url)) as deployment:
         deployment.add_ppio_connection({"backoff_initial": 0.01, "max_attempts": 3, "timeout": 10})
         yield deployment
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    record_call_outcome(item, report)
-    return report
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from deployment_harness import (
     Deployment,
     checked,
     output_dir,
-    record_call_outcome,
+    pytest_runtest_makereport,  # noqa: F401 - a hook: importing it registers it here
     running,
 )
 
@@ -207,13 +207,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _FIGURES:
         terminalreporter.section("distributed deployment figures")
         terminalreporter.write_line(json.dumps(_FIGURES, indent=2))
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    record_call_outcome(item, report)
-    return report
 
 
 @pytest.fixture
