@@ -60,6 +60,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +247,7 @@ class BarePoller:
                 response.raise_for_status()
                 if json.loads(await response.read())["status"]["status"] == "succeeded":
                     break
-        yield type("Event", (), {"payload": True})()
+        yield SimpleNamespace(payload=True)  # what the worker reads of a TriggerEvent
 
     async def cleanup(self) -> None:
         pass
