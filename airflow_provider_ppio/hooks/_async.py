@@ -36,7 +36,6 @@ from airflow_provider_ppio.hooks._shared import (
     TLSSettings,
     interpret_response,
     request_headers,
-    root_cause,
     timeout_error,
     too_large,
     transport_error,
@@ -60,17 +59,7 @@ async def send(
     json: Any,
     allow_empty: bool,
 ) -> Any:
-    """
-    One attempt, bounded as a whole by the timeout (see :func:`_timeouts`).
-
-    :param session: A session leased from :data:`SHARED_SESSIONS`.
-    :param settings: Base URL, key and timeouts.
-    :param method: HTTP method.
-    :param path: API path (already checked).
-    :param params: Query parameters.
-    :param json: JSON body, if any.
-    :param allow_empty: Accept an empty 2xx body.
-    """
+    """One attempt on a session leased from :data:`SHARED_SESSIONS`, bounded as a whole by :func:`_timeouts`."""
     where = f"{method} {path}"
     headers: Any = request_headers(settings, json_body=json is not None)
     try:
@@ -127,7 +116,7 @@ def _timeouts(timeout: float, connect_timeout: float) -> aiohttp.ClientTimeout:
 
 
 def _transport_error(where: str, settings: ClientSettings, err: BaseException) -> PPIOTransportError:
-    return transport_error(_classify(err), where=where, settings=settings, detail=root_cause(err))
+    return transport_error(_classify(err), where=where, settings=settings, err=err)
 
 
 def _classify(err: BaseException) -> Failure:

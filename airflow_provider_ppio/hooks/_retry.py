@@ -67,10 +67,9 @@ def retry_arguments(
     """
     Keyword arguments for ``tenacity.Retrying``: the one policy of both transports.
 
-    Transient errors (network, timeouts, 429, 5xx) are retried after :func:`backoff`, or
-    after what a 429's ``Retry-After`` asks (capped at ``retry_wait_max``). A one-off call stops after
-    ``max_attempts``; a wait (``patience``) goes on until ``unreachable_timeout`` or its deadline, with
-    a last attempt right at the limit. Nothing is held while sleeping.
+    Transient errors (network, timeouts, 429, 5xx) are retried after :func:`backoff`, or after what a 429's
+    ``Retry-After`` asks (capped at ``retry_wait_max``). A call stops after ``max_attempts``; a wait
+    (``patience``) goes on until ``unreachable_timeout`` or its deadline, with a last attempt at the limit.
 
     :param settings: Attempts and waits come from here.
     :param what: ``METHOD path``, for the log line before each wait.

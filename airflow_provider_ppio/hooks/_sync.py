@@ -26,7 +26,6 @@ from airflow_provider_ppio.hooks._shared import (
     error_chain,
     interpret_response,
     request_headers,
-    root_cause,
     timeout_error,
     too_large,
     transport_error,
@@ -35,12 +34,7 @@ from airflow_provider_ppio.hooks._shared import (
 
 
 def new_session(settings: ClientSettings) -> requests.Session:
-    """
-    A session with the settings' TLS and proxy configuration and nothing read from the environment
-    per call (``~/.netrc`` would replace the API key).
-
-    :param settings: The client settings.
-    """
+    """A session with the settings' TLS and proxy that reads nothing from the environment (``~/.netrc``...)."""
     session = requests.Session()
     session.trust_env = False
     session.mount("http://", DeadlineAdapter())
@@ -62,17 +56,7 @@ def send(
     json: Any,
     allow_empty: bool,
 ) -> Any:
-    """
-    One attempt: send, read the whole body within the timeout, and decode it or raise the typed error.
-
-    :param session: The hook's session.
-    :param settings: Base URL, key and timeouts.
-    :param method: HTTP method.
-    :param path: API path (already checked).
-    :param params: Query parameters.
-    :param json: JSON body, if any.
-    :param allow_empty: Accept an empty 2xx body.
-    """
+    """One attempt on the hook's session: send, read the whole body within the timeout, decode it or raise."""
     where = f"{method} {path}"
     at = time.monotonic() + settings.timeout
     try:
@@ -133,7 +117,7 @@ def _read_body(response: requests.Response, at: float, where: str, settings: Cli
 
 
 def _transport_error(where: str, settings: ClientSettings, err: Exception) -> PPIOTransportError:
-    return transport_error(_classify(err), where=where, settings=settings, detail=root_cause(err))
+    return transport_error(_classify(err), where=where, settings=settings, err=err)
 
 
 def _classify(err: BaseException) -> Failure:

@@ -27,7 +27,7 @@ from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
     Patience,
-    api_url,
+    check_api_path,
     is_loopback,
     prewarm_task_path,
     scrub,
@@ -156,12 +156,7 @@ class PPIOHook(BaseHook):
         return self.request("GET", path, params=params)
 
     async def aget(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        """
-        Async :meth:`get`.
-
-        :param path: API path starting with ``/``.
-        :param params: Query parameters.
-        """
+        """Async :meth:`get`."""
         return await self.arequest("GET", path, params=params)
 
     def get_prewarm_task(self, task_id: str, *, patient: bool = False, deadline: float | None = None) -> PrewarmTask:
@@ -180,13 +175,7 @@ class PPIOHook(BaseHook):
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
     ) -> PrewarmTask:
-        """
-        Async :meth:`get_prewarm_task`, for triggers.
-
-        :param task_id: The prewarm task id (1-255 characters).
-        :param patient: For waits: retry transient errors until ``unreachable_timeout``.
-        :param deadline: With ``patient``, a Unix time at which to stop retrying and raise the last error.
-        """
+        """Async :meth:`get_prewarm_task`, for triggers."""
         path = prewarm_task_path(task_id)
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
@@ -270,12 +259,8 @@ class PPIOHook(BaseHook):
         patient: bool = False,
     ) -> AsyncIterator[PrewarmTask]:
         """
-        Async :meth:`list_prewarm_tasks`, for triggers: the same filters, paging and cursor-loop guard.
+        Async :meth:`list_prewarm_tasks`, for triggers.
 
-        :param status: Only tasks in this state (pending, running, succeeded, failed).
-        :param region_id: Only tasks in this region.
-        :param name: Fuzzy match on the image name or note.
-        :param page_size: Tasks per request (``limit``).
         :param patient: Retry each page's transient errors until ``unreachable_timeout`` (as waits do).
         """
         query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
@@ -350,12 +335,13 @@ class PPIOHook(BaseHook):
         :param path: API path starting with ``/``, e.g. ``/gpus/v2/prewarm-tasks``.
         :param params: Query parameters.
         :param json: JSON body, if any.
-        :param idempotent: False for calls that must not run twice; see ``is_retryable``.
+        :param idempotent: False for calls that must not run twice (create): then only errors that prove the
+            request was not acted on are retried.
         :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
         :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         :param settings: Use these instead of the connection's (e.g. fewer attempts).
         """
-        api_url(settings or self.settings, path)  # refuse a bad path before anything is sent
+        check_api_path(path)
         for rotation in (False, True):
             current = settings or self.settings
             what = f"{method} {path}"
@@ -384,20 +370,8 @@ class PPIOHook(BaseHook):
         allow_empty: bool = False,
         patience: Patience | None = None,
     ) -> Any:
-        """
-        The async twin of :meth:`request`: same URL rules, retry policy, key rotation and errors.
-
-        Requests go through the process-wide shared ``aiohttp`` session for the TLS and proxy setting.
-
-        :param method: HTTP method.
-        :param path: API path starting with ``/``.
-        :param params: Query parameters.
-        :param json: JSON body, if any.
-        :param idempotent: False for calls that must not run twice.
-        :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
-        :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
-        """
-        api_url(await self.aget_settings(), path)
+        """Async :meth:`request`, on the process-wide ``aiohttp`` session shared by all hooks of the event loop."""
+        check_api_path(path)
         for rotation in (False, True):
             settings = await self.aget_settings()
             what = f"{method} {path}"
@@ -418,7 +392,7 @@ class PPIOHook(BaseHook):
     # -- key rotation ------------------------------------------------------------------------------
 
     def _key_rotated(self) -> bool:
-        """After a 401: read the connection again; True (and new settings) if its key changed."""
+        """After a 401: read the connection again; True (and new settings) if it now holds another key."""
         old = self.settings
         conn = self.get_connection(self.ppio_conn_id)
         new = self._build_settings(conn.host, conn.password, conn.extra_dejson)
