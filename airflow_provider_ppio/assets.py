@@ -41,7 +41,7 @@ def prewarm_asset_uri(region_id: str, image: str) -> str:
     :param region_id: The region id, e.g. ``region-a``.
     :param image: The full image reference, e.g. ``registry.example.com/team/image:tag``.
     """
-    from airflow_provider_ppio.exceptions import PPIOInvalidInputError
+    from airflow_provider_ppio.exceptions import PPIOInvalidInputError  # see the module docstring
 
     if not isinstance(region_id, str) or not region_id.strip():
         raise PPIOInvalidInputError(f"a prewarm asset needs a region id, got {region_id!r}")
@@ -92,7 +92,7 @@ def prewarm_asset(region_id: str, image: str) -> Asset:
     :param region_id: The region id.
     :param image: The full image reference.
     """
-    from airflow.providers.common.compat.sdk import Asset
+    from airflow.providers.common.compat.sdk import Asset  # stdlib only at import: see the module docstring
 
     return Asset(uri=prewarm_asset_uri(region_id, image))
 
@@ -137,7 +137,7 @@ def attach_prewarm_asset_events(
     :param log: Where to say what was attached; defaults to this module's logger.
     :return: The URIs (or alias names) that received the details.
     """
-    from airflow.providers.common.compat.sdk import Asset, AssetAlias
+    from airflow.providers.common.compat.sdk import Asset, AssetAlias  # stdlib only at import: see the module docstring
 
     logger = log or _log
     outlet_list = list(outlets or ())
@@ -190,7 +190,7 @@ def _alias_registered(name: str) -> bool:
 
     :param name: The alias name.
     """
-    from airflow import __version__ as airflow_version
+    from airflow import __version__ as airflow_version  # stdlib only at import: see the module docstring
 
     if int(airflow_version.split(".", 1)[0]) >= 3:
         return True

@@ -58,6 +58,7 @@ def dependencies() -> list[str]:
     """
     import importlib.metadata
 
+    # Airflow 2.11 does not load packaging.requirements when a DAG is parsed, and it is costly: only when asked.
     from packaging.requirements import Requirement
 
     try:

@@ -637,7 +637,7 @@ def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask
     :param event: The event payload.
     :param expected_task_id: The prewarm task the trigger was started for.
     """
-
+    # airflow.triggers.base is only needed once a trigger answered, not to parse a DAG.
     from airflow_provider_ppio.triggers.prewarm import task_from_event
 
     def timed_out(message: str) -> AirflowFailException:

@@ -146,7 +146,7 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param event: The payload of the trigger's event.
         :param deadline: The wait's deadline (Unix time), kept for a ``silent_fail`` wait that goes on.
         """
-
+        # airflow.triggers.base is only needed once a trigger answered, not to parse a DAG.
         from airflow_provider_ppio.triggers.prewarm import task_from_event
 
         def timed_out(message: str) -> AirflowSensorTimeout:
