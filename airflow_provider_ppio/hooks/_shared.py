@@ -49,7 +49,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Environment variables that name a CA bundle, in the order they win (requests' order, then OpenSSL's).
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 
-# -- settings -----------------------------------------------------------------------------------------
+# -- settings --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ class Patience:
         return left
 
 
-# -- requests --------------------------------------------------------------------------------------------
+# -- requests --------------------------------------------------------------------------------------
 
 #: What an API path may not contain: a query, a fragment, a backslash, whitespace or control characters.
 _UNSAFE_PATH_CHARACTERS = re.compile(r"[?#\\\x00-\x20]")
@@ -309,7 +309,7 @@ def request_headers(settings: ClientSettings, *, json_body: bool) -> dict[str, s
     return headers
 
 
-# -- answers -----------------------------------------------------------------------------------------------
+# -- answers ---------------------------------------------------------------------------------------
 
 
 def interpret_response(
@@ -465,7 +465,7 @@ def scrub(text: str | None, secret: SecretStr | None) -> str | None:
     return text
 
 
-# -- transport failures -----------------------------------------------------------------------------------
+# -- transport failures ----------------------------------------------------------------------------
 
 
 class Failure(enum.Enum):

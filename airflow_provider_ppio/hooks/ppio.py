@@ -307,7 +307,7 @@ class PPIOHook(BaseHook):
             return False, str(err)
         return True, f"Connected to the PPIO API at {settings.base_url}; the API key was accepted"
 
-    # -- the generic call, sync and async: every method above goes through it ---------------------------
+    # -- the generic call, sync and async: every method above goes through it ----------------------
 
     @cached_property
     def session(self) -> requests.Session:
