@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import socket
 import threading
@@ -293,6 +294,15 @@ def test_generic_get_refuses_paths_that_could_leave_the_api(
     with pytest.raises(PPIOInvalidInputError):
         hook.get(path)
     assert requests_mock.call_count == 0
+
+
+def test_a_bad_path_is_refused_before_the_connection_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_DOES_NOT_EXIST", raising=False)
+    hook = PPIOHook("does_not_exist")
+    with pytest.raises(PPIOInvalidInputError, match="single '/'"):
+        hook.get("gpus/v2")
+    with pytest.raises(PPIOInvalidInputError, match="single '/'"):
+        asyncio.run(hook.aget("gpus/v2"))
 
 
 def test_generic_get_returns_json_and_sends_params(hook: PPIOHook, requests_mock: rm.Mocker, ppio_conn: str) -> None:
