@@ -277,13 +277,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) in (3, 4) and sys.argv[1] == "serve" and sys.argv[2] in ("minimal", "emulator"):
-        _serve_minimal(*sys.argv[3:]) if sys.argv[2] == "minimal" else _serve_emulator()
-    else:
-        sys.exit("usage: python benchmarks/_common.py serve minimal|emulator [TLS_DIR]")
-
-
 class Quiet:
     """Send fds 1 and 2 to /dev/null while measuring (task and trigger logs are formatted and written, not shown)."""
 
@@ -304,3 +297,10 @@ class Quiet:
         os.dup2(self.saved[1], 2)
         os.close(self.saved[0])
         os.close(self.saved[1])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "serve" and sys.argv[2] in ("minimal", "emulator"):
+        _serve_minimal(*sys.argv[3:]) if sys.argv[2] == "minimal" else _serve_emulator()
+    else:
+        sys.exit("usage: python benchmarks/_common.py serve minimal|emulator [TLS_DIR]")

@@ -18,6 +18,9 @@ from airflow_provider_ppio.exceptions import PPIOInvalidInputError
 if TYPE_CHECKING:
     from airflow_provider_ppio.hooks.ppio import PPIOHook
 
+#: Longest prewarm task id the hook sends (also checked by operators before any request).
+TASK_ID_MAX_LENGTH = 255
+
 
 class PPIOHookMixin:
     """Gives an operator, sensor or trigger a lazily built :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook`."""

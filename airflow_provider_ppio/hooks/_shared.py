@@ -42,6 +42,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOUnknownHostError,
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_BASE_URL
+from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
 
 PREWARM_TASKS_PATH = "/gpus/v2/prewarm-tasks"
 #: No prewarm answer comes near this; a larger body is refused rather than read into memory.
@@ -272,8 +273,10 @@ def prewarm_task_path(task_id: object) -> str:
     """
     if not isinstance(task_id, str):
         raise PPIOInvalidInputError(f"prewarm task id must be a string, got {type(task_id).__name__}")
-    if not 1 <= len(task_id) <= 255:
-        raise PPIOInvalidInputError(f"prewarm task id must be 1-255 characters long, got {len(task_id)}")
+    if not 1 <= len(task_id) <= TASK_ID_MAX_LENGTH:
+        raise PPIOInvalidInputError(
+            f"prewarm task id must be 1-{TASK_ID_MAX_LENGTH} characters long, got {len(task_id)}"
+        )
     if task_id in (".", ".."):
         # Percent-encoding does not protect dot segments: clients and servers may resolve them.
         raise PPIOInvalidInputError(f"prewarm task id {task_id!r} is not a valid id")

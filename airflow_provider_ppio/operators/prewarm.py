@@ -32,7 +32,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_ppio.hooks import PPIOHookMixin, check_seconds
+from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH, PPIOHookMixin, check_seconds
 from airflow_provider_ppio.status import Outcome, log_waiting, outcome_of
 
 if TYPE_CHECKING:
@@ -768,7 +768,6 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
     :param value: What ``prewarm_task_ids`` rendered to.
     """
 
-    max_length = 255  # the hook's limit (prewarm_task_path), checked before anything is sent
     how = (
         "pass the ids themselves: an XComArg such as create.output['prewarm_task_id'], a list, or a template "
         "on a DAG with render_template_as_native_obj=True (otherwise '{{ ti.xcom_pull(...) }}' renders to a string)"
@@ -804,8 +803,8 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
             raise refuse("is a list or dict literal where one id belongs", item)
         if text in ("None", "null"):
             raise refuse("is what a template renders when the XCom it pulls does not exist", item)
-        if len(text) > max_length:
-            raise refuse(f"is {len(text)} characters long; an id has at most {max_length}", item)
+        if len(text) > TASK_ID_MAX_LENGTH:
+            raise refuse(f"is {len(text)} characters long; an id has at most {TASK_ID_MAX_LENGTH}", item)
         if text in (".", ".."):
             raise refuse("is not a valid id", item)
         if any(char.isspace() or not char.isprintable() or char in ",'\"" for char in text):
