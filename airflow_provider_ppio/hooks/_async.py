@@ -32,6 +32,7 @@ from airflow_provider_ppio.exceptions import PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
     ClientSettings,
+    ConnectionFields,
     Failure,
     TLSSettings,
     interpret_response,
@@ -225,9 +226,6 @@ class _Lease:
 SHARED_SESSIONS = SharedSessions()
 
 
-_ConnectionFields = tuple[str | None, str | None, dict[str, Any]]
-
-
 class SharedConnectionLookups:
     """
     Concurrent async lookups of one connection on one event loop share a single lookup.
@@ -241,12 +239,12 @@ class SharedConnectionLookups:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[tuple[type[PPIOHook], str], asyncio.Task[_ConnectionFields]]
+            asyncio.AbstractEventLoop, dict[tuple[type[PPIOHook], str], asyncio.Task[ConnectionFields]]
         ] = weakref.WeakKeyDictionary()
 
-    async def read(self, hook: PPIOHook) -> _ConnectionFields:
+    async def read(self, hook: PPIOHook) -> ConnectionFields:
         """
-        The host, password and extras of ``hook``'s connection, from the lookup in flight if there is one.
+        The type, host, port, password and extras of ``hook``'s connection, from the lookup in flight if any.
 
         :param hook: Its class and connection id identify the lookup (a subclass may read connections its way).
         """
@@ -262,14 +260,14 @@ class SharedConnectionLookups:
         return await asyncio.shield(lookup)
 
     @staticmethod
-    async def _lookup(hook: PPIOHook) -> _ConnectionFields:
+    async def _lookup(hook: PPIOHook) -> ConnectionFields:
         conn = await get_async_connection(hook.ppio_conn_id, hook)
         extra = await get_async_extra_dejson(conn)
         if conn.password and conn.password.strip():
             # The key as the hook sends it (stripped). Masking may talk to the supervisor synchronously:
             # keep it off the event loop.
             await asyncio.to_thread(mask_secret, conn.password.strip())
-        return conn.host, conn.password, extra
+        return ConnectionFields.of(conn, extra)
 
 
 #: The lookups every :class:`~airflow_provider_ppio.hooks.ppio.PPIOHook` shares.

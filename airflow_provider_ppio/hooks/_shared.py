@@ -17,8 +17,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote, urlsplit
 
 import certifi
 from airflow import __version__ as airflow_version
@@ -41,7 +41,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
     PPIOUnknownHostError,
 )
-from airflow_provider_ppio.get_provider_info import DEFAULT_BASE_URL
+from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_BASE_URL
 from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
 
 PREWARM_TASKS_PATH = "/gpus/v2/prewarm-tasks"
@@ -75,6 +75,26 @@ class TLSSettings:
             return "verification is off (connection extra verify=false)"
         where = self.ca_file or self.ca_dir
         return f"{self.source}: {where}" if where else self.source
+
+
+class ConnectionFields(NamedTuple):
+    """The fields of an Airflow connection the hook reads, however it was looked up (sync or async)."""
+
+    conn_type: str | None
+    host: str | None
+    port: object
+    password: str | None
+    extra: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, conn: Any, extra: Mapping[str, Any] | None = None) -> ConnectionFields:
+        """
+        The fields of an Airflow ``Connection``.
+
+        :param conn: The connection.
+        :param extra: Its extras, when already decoded (the async lookup decodes them off the event loop).
+        """
+        return cls(conn.conn_type, conn.host, conn.port, conn.password, conn.extra_dejson if extra is None else extra)
 
 
 @dataclass(frozen=True)
@@ -114,20 +134,29 @@ class ClientSettings:
         cls,
         conn_id: str,
         *,
+        conn_type: str | None,
         host: str | None,
         password: str | None,
         extra: Mapping[str, Any],
+        port: object = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> ClientSettings:
         """
         Build settings from an Airflow connection's fields, with clear errors naming the connection.
 
+        Everything is checked here, before the key goes anywhere: the connection's type, its host and port, and
+        that plain http goes only to this machine unless the extra ``allow_insecure_http`` says otherwise.
+
         :param conn_id: The connection id, for error messages.
+        :param conn_type: The connection's type; anything but ``ppio`` is refused (its password is not our key).
         :param host: The base URL (scheme optional, https assumed).
         :param password: The API key.
-        :param extra: The connection's extras: the fields above that are numbers, ``ca_bundle`` and ``verify``.
+        :param extra: The connection's extras: the fields above that are numbers, ``ca_bundle``, ``verify`` and
+            ``allow_insecure_http``.
+        :param port: The connection's port, if any (it must agree with a port written in the host).
         :param overrides: Values given to the hook directly; they win over the extras.
         """
+        check_connection_type(conn_id, conn_type)
         api_key = (password or "").strip()
         if not api_key:
             raise PPIOConnectionConfigError(
@@ -135,7 +164,14 @@ class ClientSettings:
                 '("API Key") field, e.g. AIRFLOW_CONN_PPIO_DEFAULT=\'{"conn_type": "ppio", "password": "sk_..."}\''
             )
         options = {**extra, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-        base_url = _base_url(conn_id, host)
+        base_url = _base_url(conn_id, host, port)
+        if urlsplit(base_url).scheme != "https" and not is_loopback(base_url):
+            if not _flag(conn_id, options, "allow_insecure_http"):
+                raise PPIOConnectionConfigError(
+                    f"Connection {conn_id!r}: Base URL {base_url} is plain http to a host that is not this machine: "
+                    "the API key would travel in clear. Use https, or set the connection extra "
+                    '"allow_insecure_http": true if this network is trusted'
+                )
 
         def number(name: str, kind: type = float) -> Any:
             return _positive(conn_id, options, name, getattr(cls, name), kind)  # default: the field's
@@ -173,9 +209,63 @@ def _positive(conn_id: str, options: Mapping[str, Any], name: str, default: floa
     return kind(number)
 
 
-def _base_url(conn_id: str, host: str | None) -> str:
-    """The connection's host as ``scheme://host[:port][/path]`` (https when no scheme is given)."""
+def check_connection_type(conn_id: str, conn_type: str | None) -> None:
+    """
+    Refuse a connection of another type: its password belongs to another service and must not be sent as our key.
+
+    :param conn_id: The connection id, for the message.
+    :param conn_type: The connection's type.
+    """
+    if (conn_type or "").strip().lower() != CONNECTION_TYPE:
+        raise PPIOConnectionConfigError(
+            f"Connection {conn_id!r} is of type {conn_type!r}, not {CONNECTION_TYPE!r}: it was not made for the PPIO "
+            "API, so nothing is sent with it. Name a ppio connection, or give this one "
+            f'"conn_type": "{CONNECTION_TYPE}" (URI form: {CONNECTION_TYPE}://:<url-encoded key>@api.ppio.com)'
+        )
+
+
+def _flag(conn_id: str, options: Mapping[str, Any], name: str) -> bool:
+    """A true/false extra (JSON booleans, or the strings true/false, 1/0, yes/no, on/off); absent is false."""
+    value = options.get(name, False)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off", ""):
+            return False
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    raise PPIOConnectionConfigError(f"Connection {conn_id!r}: extra {name!r} must be true or false, got {value!r}")
+
+
+#: Control characters and whitespace: a URL parser may drop them (``api.ppio.com\n.evil.com`` becomes
+#: ``api.ppio.com.evil.com``) or a server may split on them.
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+
+
+def _port(conn_id: str, value: object, where: str) -> int:
+    """A TCP port, 1-65535, from the connection's port field or the host's ``:port``."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise PPIOConnectionConfigError(
+            f"Connection {conn_id!r}: {where} {value!r} is not a TCP port (a whole number from 1 to 65535)"
+        )
+    return int(text)
+
+
+def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
+    """
+    The connection's host (and port) as ``scheme://host[:port][/path]``, https when no scheme is given.
+
+    :param conn_id: The connection id, for messages.
+    :param host: The Base URL field.
+    :param port: The port field; a port in the host too must be the same one.
+    """
     raw = (host or "").strip() or DEFAULT_BASE_URL
+    if _CONTROL_OR_SPACE.search(raw):
+        raise PPIOConnectionConfigError(
+            f"Connection {conn_id!r}: Base URL {raw!r} contains whitespace or control characters"
+        )
     if "://" not in raw:
         raw = "https://" + raw
     parts = urlsplit(raw)
@@ -183,11 +273,34 @@ def _base_url(conn_id: str, host: str | None) -> str:
         raise PPIOConnectionConfigError(
             f"Connection {conn_id!r}: Base URL {raw!r} is not an http(s) URL such as {DEFAULT_BASE_URL}"
         )
-    if parts.query or parts.fragment or parts.username or parts.password:
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in raw or "#" in raw:
         raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: Base URL must not carry credentials, a query or a fragment"
+            f"Connection {conn_id!r}: Base URL must not carry credentials (user@), a query or a fragment; "
+            "the API key goes in the password field"
         )
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    if "\\" in raw or "%" in parts.netloc:
+        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host")
+    hostname, sep, host_port = parts.netloc.rpartition(":") if not parts.netloc.endswith("]") else (parts.netloc, "", "")
+    if not sep:
+        hostname, host_port = parts.netloc, ""
+    elif host_port == "" or not host_port.isdigit():
+        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed port")
+    if not re.fullmatch(r"[A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:.]+\]", hostname):
+        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host name")
+    number = _port(conn_id, host_port, "the port in the Base URL") if host_port else None
+    if port is not None and port != "":
+        field_port = _port(conn_id, port, "the port")
+        if number is not None and number != field_port:
+            raise PPIOConnectionConfigError(
+                f"Connection {conn_id!r}: the Base URL names port {number} but the port field says {field_port}; "
+                "give the port in one place"
+            )
+        number = field_port
+    netloc = hostname if number is None else f"{hostname}:{number}"
+    path = parts.path.rstrip("/")
+    if any(segment in (".", "..") for segment in _decoded_segments(path)):
+        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL path {parts.path!r} has dot segments")
+    return f"{parts.scheme}://{netloc}{path}"
 
 
 def _tls_settings(conn_id: str, options: Mapping[str, Any]) -> TLSSettings:
@@ -277,15 +390,19 @@ def prewarm_task_path(task_id: object) -> str:
         raise PPIOInvalidInputError(
             f"prewarm task id must be 1-{TASK_ID_MAX_LENGTH} characters long, got {len(task_id)}"
         )
-    if task_id in (".", ".."):
-        # Percent-encoding does not protect dot segments: clients and servers may resolve them.
+    if any(segment in (".", "..") for segment in _decoded_segments(task_id)):
+        # Percent-encoding does not protect dot segments: clients, proxies and servers may decode and resolve them.
         raise PPIOInvalidInputError(f"prewarm task id {task_id!r} is not a valid id")
     return f"{PREWARM_TASKS_PATH}/{quote(task_id, safe='')}"
 
 
 def check_api_path(path: str) -> None:
     """
-    Refuse an API path that could leave the API's host or change the request's meaning.
+    Refuse an API path that could leave the API's host or base path, or change the request's meaning.
+
+    Dot segments (``..``, ``.``) are refused in every spelling (``%2e%2e``, ``%2E.``, double-encoded, or
+    hidden behind ``%2F`` or ``;``): a client, proxy or server may resolve them, and under a base URL with a
+    path (``https://gw.example.com/ppio``) that would reach another service.
 
     :param path: An absolute path such as ``/gpus/v2/prewarm-tasks``.
     """
@@ -293,6 +410,24 @@ def check_api_path(path: str) -> None:
         raise PPIOInvalidInputError(f"API path must start with a single '/', got {path!r}")
     if _UNSAFE_PATH_CHARACTERS.search(path):
         raise PPIOInvalidInputError(f"API path must not contain '?', '#', '\\\\' or whitespace: {path!r}")
+    if any(segment in (".", "..") for segment in _decoded_segments(path)):
+        raise PPIOInvalidInputError(f"API path must not contain dot segments ('..', '.', '%2e%2e'...): {path!r}")
+
+
+def _decoded_segments(path: str) -> list[str]:
+    """
+    The segments of ``path`` as any server along the way might read them: percent-decoded until nothing changes
+    (double encoding), split on ``/`` and ``\\`` (an encoded ``%2F`` included), each cut at ``;``.
+
+    :param path: A URL path.
+    """
+    decoded = path
+    for _ in range(5):
+        again = unquote(decoded)
+        if again == decoded:
+            break
+        decoded = again
+    return [segment.split(";", 1)[0] for segment in re.split(r"[/\\]", decoded)]
 
 
 _PYTHON = ".".join(map(str, sys.version_info[:3]))
@@ -364,6 +499,8 @@ _ERROR_CLASSES: dict[int, type[PPIOAPIError]] = {
     401: PPIOAuthError,
     403: PPIOAuthError,
     404: PPIONotFoundError,
+    # The server gave up waiting for the request: transient like a 5xx, and it may have acted on it.
+    408: PPIOServerError,
     429: PPIORateLimitError,
 }
 _HINTS: dict[type[PPIOAPIError], str] = {
@@ -372,10 +509,44 @@ _HINTS: dict[type[PPIOAPIError], str] = {
     PPIORateLimitError: "(rate limited)",
     PPIOServerError: "(PPIO API error)",
 }
+_STATUS_HINTS: dict[int, str] = {408: "(the API timed out waiting for the request)"}
 _QUOTA_HINT = (
-    " (the account allows a limited number of concurrent prewarm tasks, 5 by default: wait for"
-    " running ones to finish, delete finished ones, or ask PPIO support for a higher quota)"
+    " (the account allows a limited number of prewarm tasks, 5 by default. Pending and running tasks count,"
+    " and finished ones (succeeded or failed) may count too until they are deleted: wait for running ones to"
+    " finish, delete finished ones (PPIODeletePrewarmTasksOperator or PPIOHook.delete_prewarm_tasks), or ask"
+    " PPIO support for a higher quota)"
 )
+#: PPIO's own words for the prewarm limit (its console's ``IMAGE_PREWARM_NUM_LIMIT``, "Image prewarm number
+#: exceeds limit"), the emulator's and a plain "prewarm ... quota": they name *this* limit, whatever the status.
+_PREWARM_LIMIT = re.compile(
+    r"IMAGE_PREWARM_NUM_LIMIT|PREWARM_TASK_QUOTA_EXCEEDED|prewarm\w*\W+(?:task\W+)?(?:num|number|count|quota)\b"
+    r"|prewarm.{0,40}\b(?:exceeds?|exceeded|reached)\W+(?:the\W+)?(?:limit|quota)",
+    re.IGNORECASE,
+)
+#: Statuses a prewarm-limit refusal may come with (PPIO documents none): a 429 or a 403 that names the prewarm
+#: limit is the quota, not a rate limit or a permission problem. A 401 or 404 is what it says, and a 409 stays a
+#: conflict (the create operator looks its task up by marker).
+_QUOTA_STATUSES = frozenset({400, 403, 422, 429})
+
+
+def is_quota_refusal(status: int, api_message: str | None, api_reason: str | None) -> bool:
+    """
+    Whether an error answer refuses a create because the account's prewarm limit is reached.
+
+    Classified by the answer's reason and message, in PPIO's words and the word "quota", whatever the status:
+    a bare "quota" counts where the status would otherwise be a bad request (a 429 "quota" is a rate limit,
+    a 403 "quota" a permission); words that name the prewarm limit count on 400, 403, 422 and 429.
+
+    :param status: The HTTP status.
+    :param api_message: The answer's message.
+    :param api_reason: The answer's reason or code.
+    """
+    if status not in _QUOTA_STATUSES:
+        return False
+    texts = [text for text in (api_reason, api_message) if text]
+    if any(_PREWARM_LIMIT.search(text) for text in texts):
+        return True
+    return status not in (403, 429) and any("quota" in text.lower() for text in texts)
 
 
 def _error_for_status(
@@ -385,9 +556,9 @@ def _error_for_status(
     api_message, api_reason = _parse_error_body(body, secret)
     api_message, api_reason = scrub(api_message, secret), scrub(api_reason, secret)  # again: snippet() joins whitespace
     cls = _ERROR_CLASSES.get(status) or (PPIOServerError if status >= 500 else PPIOBadRequestError)
-    if cls is PPIOBadRequestError and any(text and "quota" in text.lower() for text in (api_message, api_reason)):
+    if is_quota_refusal(status, api_message, api_reason):
         cls = PPIOQuotaExceededError
-    text = f"{where}: HTTP {status} {_HINTS.get(cls, '')}".rstrip()
+    text = f"{where}: HTTP {status} {_STATUS_HINTS.get(status) or _HINTS.get(cls, '')}".rstrip()
     if api_reason:
         text += f" [{api_reason}]"
     if api_message:

@@ -26,6 +26,7 @@ from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments, retry_a
 from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
+    ConnectionFields,
     Patience,
     check_api_path,
     is_loopback,
@@ -118,25 +119,32 @@ class PPIOHook(BaseHook):
     @cached_property
     def settings(self) -> ClientSettings:
         """Base URL, key, timeouts, retry and TLS settings, read from the connection once per hook."""
-        conn = self.get_connection(self.ppio_conn_id)
-        settings = self._build_settings(conn.host, conn.password, conn.extra_dejson)
+        settings = self._build_settings(ConnectionFields.of(self.get_connection(self.ppio_conn_id)))
         mask_secret(settings.api_key)
         return settings
 
     async def aget_settings(self) -> ClientSettings:
         """The same settings as :attr:`settings`, resolved without blocking the event loop."""
         if self._async_settings is None:
-            host, password, extra = await _async.CONNECTION_LOOKUPS.read(self)
-            self._async_settings = self._build_settings(host, password, extra)
+            self._async_settings = self._build_settings(await _async.CONNECTION_LOOKUPS.read(self))
         return self._async_settings
 
-    def _build_settings(self, host: str | None, password: str | None, extra: Mapping[str, Any]) -> ClientSettings:
+    def _build_settings(self, fields: ConnectionFields) -> ClientSettings:
+        """Settings from the connection's fields, checked (type, host, port, scheme) before the key goes anywhere."""
         settings = ClientSettings.from_connection(
-            self.ppio_conn_id, host=host, password=password, extra=extra, overrides=self._overrides
+            self.ppio_conn_id,
+            conn_type=fields.conn_type,
+            host=fields.host,
+            port=fields.port,
+            password=fields.password,
+            extra=fields.extra,
+            overrides=self._overrides,
         )
         if not settings.base_url.startswith("https://") and not is_loopback(settings.base_url):
             self.log.warning(
-                "Connection %r sends the API key over plain http to %s; use https", self.ppio_conn_id, settings.base_url
+                "Connection %r sends the API key over plain http to %s (allow_insecure_http is set); use https",
+                self.ppio_conn_id,
+                settings.base_url,
             )
         if not settings.tls.verify:
             self.log.warning(
@@ -394,8 +402,7 @@ class PPIOHook(BaseHook):
     def _key_rotated(self) -> bool:
         """After a 401: read the connection again; True (and new settings) if it now holds another key."""
         old = self.settings
-        conn = self.get_connection(self.ppio_conn_id)
-        new = self._build_settings(conn.host, conn.password, conn.extra_dejson)
+        new = self._build_settings(ConnectionFields.of(self.get_connection(self.ppio_conn_id)))
         if new.api_key == old.api_key:
             return False
         mask_secret(new.api_key)

@@ -123,21 +123,152 @@ def test_novita_host_gets_the_requests(
 
 
 @pytest.mark.parametrize(
-    "host", ["ftp://api.ppio.com", "https://user:pw@api.ppio.com", "https://api.ppio.com/?x=1", "https://"]
+    "host",
+    [
+        "ftp://api.ppio.com",
+        "https://user:pw@api.ppio.com",
+        "https://sk_x@api.ppio.com",
+        "https://api.ppio.com@evil.example",
+        "https://api.ppio.com/?x=1",
+        "https://api.ppio.com/#x",
+        "https://",
+        "https://api.ppio.com\n.evil.com",
+        "https://api.ppio.com\r\n.evil.com",
+        "https://api\t.ppio.com",
+        "https://api.ppio.com\x00.evil.com",
+        "https://api .ppio.com",
+        "https://api.ppio.com:abc",
+        "https://api.ppio.com:99999",
+        "https://api.ppio.com:0",
+        "https://api.ppio.com:",
+        "https://api.ppio.com:-1",
+        "https://api.ppio.com:8443:9",
+        "https://api%2eppio.com",
+        "https://api.ppio.com\\@evil.example",
+        "https://api.ppio.com/ppio/../admin",
+    ],
 )
-def test_unusable_base_url_names_the_connection(set_conn: Callable[..., None], host: str) -> None:
+def test_unusable_base_url_names_the_connection(
+    set_conn: Callable[..., None], requests_mock: rm.Mocker, host: str
+) -> None:
     set_conn("ppio_badhost", host=host)
     with pytest.raises(PPIOConnectionConfigError, match="ppio_badhost"):
-        _ = PPIOHook("ppio_badhost").settings
+        PPIOHook("ppio_badhost").get_prewarm_task("pw-1")
+    assert requests_mock.call_count == 0
 
 
-def test_plain_http_to_a_remote_host_warns(
-    set_conn: Callable[..., None], caplog: pytest.LogCaptureFixture, capsys
+def test_plain_http_to_a_remote_host_is_refused_before_any_request(
+    set_conn: Callable[..., None], requests_mock: rm.Mocker, api_key: str
 ) -> None:
     set_conn(host="http://api.ppio.com")
-    assert PPIOHook().settings.base_url == "http://api.ppio.com"
+    with pytest.raises(PPIOConnectionConfigError, match="allow_insecure_http") as info:
+        PPIOHook().get_prewarm_task("pw-1")
+    assert requests_mock.call_count == 0
+    assert api_key not in str(info.value)
+    assert "in clear" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [True, "true", "1"])
+def test_plain_http_to_a_remote_host_is_allowed_by_the_extra_with_a_warning(
+    set_conn: Callable[..., None],
+    requests_mock: rm.Mocker,
+    make_task: MakeTask,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    value: object,
+) -> None:
+    set_conn(host="http://10.0.0.7:8080", extra={"allow_insecure_http": value})
+    requests_mock.get(f"http://10.0.0.7:8080{TASKS}/pw-1", json=make_task("pw-1"))
+    assert PPIOHook().get_prewarm_task("pw-1").task_id == "pw-1"
     logged = caplog.text + "".join(capsys.readouterr())
     assert "plain http" in logged
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, [True]])
+def test_a_bad_allow_insecure_http_is_refused(set_conn: Callable[..., None], value: object) -> None:
+    set_conn(host="http://10.0.0.7", extra={"allow_insecure_http": value})
+    with pytest.raises(PPIOConnectionConfigError, match="allow_insecure_http"):
+        _ = PPIOHook().settings
+
+
+@pytest.mark.parametrize("host", ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:8080"])
+def test_plain_http_to_this_machine_needs_no_extra(set_conn: Callable[..., None], host: str) -> None:
+    set_conn(host=host)
+    assert PPIOHook().settings.base_url == host
+
+
+# -- the connection's port and type ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("conn", "base_url"),
+    [
+        # The URI form docs/deployment.md gives secrets-backend users.
+        ("ppio://:sk_uri_key@gw.example.com:8443", "https://gw.example.com:8443"),
+        ("ppio://:sk_uri_key@https%3A%2F%2Fgw.example.com%2Fppio:8443", "https://gw.example.com:8443/ppio"),
+        ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "gw.example.com", "port": 8443}', None),
+        ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "https://gw.example.com", "port": "8443"}', None),
+        ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "https://gw.example.com:8443", "port": 8443}', None),
+        ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "https://gw.example.com:8443"}', None),
+        ('{"conn_type": "PPIO", "password": "sk_uri_key", "host": "https://gw.example.com:8443"}', None),
+    ],
+)
+def test_the_connection_port_is_where_requests_go(
+    monkeypatch: pytest.MonkeyPatch, requests_mock: rm.Mocker, make_task: MakeTask, conn: str, base_url: str | None
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_PPIO_PORTED", conn)
+    base_url = base_url or "https://gw.example.com:8443"
+    requests_mock.get(f"{base_url}{TASKS}/pw-1", json=make_task("pw-1"))
+    hook = PPIOHook("ppio_ported")
+    assert hook.settings.base_url == base_url
+    assert hook.get_prewarm_task("pw-1").task_id == "pw-1"
+    assert requests_mock.last_request.port == 8443
+    assert requests_mock.last_request.headers["Authorization"] == "Bearer sk_uri_key"
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        ('{"conn_type": "ppio", "password": "k_12345", "host": "https://gw.example.com:8443", "port": 9443}', "9443"),
+        ('{"conn_type": "ppio", "password": "k_12345", "host": "gw.example.com", "port": 99999}', "99999"),
+        ('{"conn_type": "ppio", "password": "k_12345", "host": "gw.example.com", "port": -1}', "-1"),
+        ("ppio://:k_12345@gw.example.com:0", "0"),
+    ],
+)
+def test_a_bad_or_conflicting_port_fails_at_once_with_no_request(
+    monkeypatch: pytest.MonkeyPatch, requests_mock: rm.Mocker, sleeps: list[float], conn: str, expected: str
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_PPIO_BADPORT", conn)
+    with pytest.raises(PPIOConnectionConfigError, match="ppio_badport") as info:
+        PPIOHook("ppio_badport").get_prewarm_task("pw-1", patient=True)
+    assert expected in str(info.value)
+    assert isinstance(info.value, AirflowFailException)  # no task retries either
+    assert requests_mock.call_count == 0
+    assert sleeps == []
+
+
+@pytest.mark.parametrize(
+    ("conn", "named"),
+    [
+        ('{"conn_type": "postgres", "password": "pg_secret_pw", "host": "db.example.com"}', "'postgres'"),
+        ('{"conn_type": "http", "password": "pg_secret_pw", "host": "https://api.ppio.com"}', "'http'"),
+        ('{"password": "pg_secret_pw", "host": "https://api.ppio.com"}', "None"),
+        ("postgres://user:pg_secret_pw@db.example.com:5432/app", "'postgres'"),
+    ],
+)
+def test_a_connection_of_another_type_is_refused_before_any_request(
+    monkeypatch: pytest.MonkeyPatch, requests_mock: rm.Mocker, conn: str, named: str
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_SOMEONE_ELSES", conn)
+    hook = PPIOHook("someone_elses")
+    with pytest.raises(PPIOConnectionConfigError, match="someone_elses") as info:
+        hook.get_prewarm_task("pw-1")
+    assert f"type {named}" in str(info.value)
+    assert "pg_secret_pw" not in str(info.value)
+    assert requests_mock.call_count == 0
+    ok, message = hook.test_connection()
+    assert not ok and f"type {named}" in message
+    assert requests_mock.call_count == 0
 
 
 @pytest.mark.parametrize(
@@ -248,7 +379,7 @@ def test_constructing_the_hook_does_no_io(monkeypatch: pytest.MonkeyPatch) -> No
     ("task_id", "segment"),
     [
         ("pw-1", "pw-1"),
-        ("../x", "..%2Fx"),
+        ("..x", "..x"),
         ("a/b", "a%2Fb"),
         ("?", "%3F"),
         ("#", "%23"),
@@ -273,7 +404,9 @@ def test_task_id_is_sent_as_one_encoded_segment(
     assert quote(task_id, safe="") == segment
 
 
-@pytest.mark.parametrize("task_id", ["", ".", "..", "x" * 256, None, 123, ["pw-1"], b"pw-1"])
+@pytest.mark.parametrize(
+    "task_id", ["", ".", "..", "../x", "a/..", "%2e%2e", "..;x", "x" * 256, None, 123, ["pw-1"], b"pw-1"]
+)
 def test_invalid_task_ids_are_refused_before_any_request(
     hook: PPIOHook, requests_mock: rm.Mocker, task_id: Any
 ) -> None:
@@ -287,13 +420,56 @@ def test_invalid_task_id_is_a_value_error(hook: PPIOHook) -> None:
         hook.get_prewarm_task("")
 
 
-@pytest.mark.parametrize("path", ["gpus/v2", "//evil.example/x", "/a?b=1", "/a#b", "/a b", "/a\\b"])
+DOT_SEGMENT_PATHS = [
+    "/../../admin/%2e%2e/x",
+    "/gpus/..",
+    "/gpus/.",
+    "/./gpus",
+    "/gpus/%2e%2e/x",
+    "/gpus/%2E%2E/x",
+    "/gpus/%2E./x",
+    "/gpus/.%2e/x",
+    "/gpus/%2e/x",
+    "/gpus/%252e%252e/x",
+    "/gpus/..%2fadmin",
+    "/gpus/%2e%2e%2Fadmin",
+    "/gpus/..;/admin",
+]
+
+
+@pytest.mark.parametrize(
+    "path", ["gpus/v2", "//evil.example/x", "/a?b=1", "/a#b", "/a b", "/a\\b", *DOT_SEGMENT_PATHS]
+)
 def test_generic_get_refuses_paths_that_could_leave_the_api(
     hook: PPIOHook, requests_mock: rm.Mocker, path: str
 ) -> None:
     with pytest.raises(PPIOInvalidInputError):
         hook.get(path)
+    with pytest.raises(PPIOInvalidInputError):
+        hook.request("DELETE", path, json={"task_ids": ["x"]})
     assert requests_mock.call_count == 0
+
+
+@pytest.mark.parametrize("path", DOT_SEGMENT_PATHS)
+def test_dot_segments_never_leave_a_base_path(
+    set_conn: Callable[..., None], requests_mock: rm.Mocker, path: str
+) -> None:
+    set_conn(host="https://gw.example.com/ppio")
+    with pytest.raises(PPIOInvalidInputError, match="dot segments|single"):
+        PPIOHook().get(path)
+    with pytest.raises(PPIOInvalidInputError, match="dot segments|single"):
+        asyncio.run(PPIOHook().aget(path))
+    assert requests_mock.call_count == 0
+
+
+@pytest.mark.parametrize("path", ["/gpus/v2/prewarm-tasks", "/gpus/v2/...", "/gpus/v2/a.b", "/gpus/v2/.well-known"])
+def test_paths_with_dots_that_are_not_dot_segments_stay_under_the_base_path(
+    set_conn: Callable[..., None], requests_mock: rm.Mocker, path: str
+) -> None:
+    set_conn(host="https://gw.example.com/ppio")
+    requests_mock.get(rm.ANY, json={})
+    PPIOHook().get(path)
+    assert requests_mock.last_request.url == f"https://gw.example.com/ppio{path}"
 
 
 def test_a_bad_path_is_refused_before_the_connection_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

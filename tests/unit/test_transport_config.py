@@ -6,11 +6,13 @@ and the async path (aiohttp: the hook's async methods and the trigger), each aga
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import certifi
 import pytest
@@ -234,7 +236,7 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_host_that_does_not_exist_fails_at_once(
     set_conn: Callable[..., None], lookups: list[str], path: str, scheme: str
 ) -> None:
-    set_conn(host=f"{scheme}://api.nowhere.test", extra={"backoff_initial": 2})
+    set_conn(host=f"{scheme}://api.nowhere.test", extra={"backoff_initial": 2, "allow_insecure_http": True})
 
     error = assert_raises_at_once(path, PPIOUnknownHostError, match="does not exist")
 
@@ -316,12 +318,80 @@ def test_both_transports_use_the_proxy_the_environment_names(
     monkeypatch.setenv("HTTP_PROXY", proxy.base_url)
     monkeypatch.setenv("NO_PROXY", "bypassed.nowhere.test")
 
-    set_conn(host="http://api.ppio.test")
+    set_conn(host="http://api.ppio.test", extra={"allow_insecure_http": True})
     assert read(path).status.status == "succeeded"
     assert [seen.raw_path for seen in proxy.seen] == [f"http://api.ppio.test{TASKS}/pw-1"]  # a proxy request
     assert "api.ppio.test" not in lookups  # the proxy resolves the API's name, not us
 
-    set_conn(host="http://bypassed.nowhere.test")
+    set_conn(host="http://bypassed.nowhere.test", extra={"allow_insecure_http": True})
     with pytest.raises(PPIOUnknownHostError):  # tried directly, as NO_PROXY says
         read(path)
     assert len(proxy.seen) == 1
+
+
+# -- the connection: its port and its type, on every path ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_uri_connection_with_a_port_reaches_the_emulator_on_that_port(
+    tls_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # The URI form docs/deployment.md gives secrets-backend users: no scheme (https), the port after the host.
+    port = int(tls_emulator.base_url.rsplit(":", 1)[1])
+    key, ca = quote(tls_emulator.api_key, safe=""), quote(str(tls_emulator.ca_bundle), safe="")
+    monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", f"ppio://:{key}@127.0.0.1:{port}?ca_bundle={ca}")
+    assert read(path).status.status == "succeeded"
+    assert [entry["path"] for entry in tls_emulator.control.requests_log()] == [f"{TASKS}/pw-1"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_json_connection_with_a_port_field_reaches_the_emulator_on_that_port(
+    ppio_emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    ppio_emulator.control.seed_task(task_id="pw-1", state="succeeded")
+    port = int(ppio_emulator.base_url.rsplit(":", 1)[1])
+    conn = {"conn_type": "ppio", "host": "http://127.0.0.1", "port": port, "password": ppio_emulator.api_key}
+    monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", json.dumps(conn))
+    assert read(path).status.status == "succeeded"
+    assert len(ppio_emulator.control.requests_log()) == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conn_type", ["postgres", "http", None])
+def test_a_connection_of_another_type_is_refused_on_every_path_before_any_request(
+    server: ApiServer, monkeypatch: pytest.MonkeyPatch, path: str, conn_type: str | None
+) -> None:
+    server.reply(reply_json(200, task_body("pw-1", "succeeded")))
+    conn = {"conn_type": conn_type, "host": server.base_url, "password": "pg_secret_password"}
+    monkeypatch.setenv("AIRFLOW_CONN_PPIO_DEFAULT", json.dumps(conn))
+    error = assert_raises_at_once(path, PPIOConnectionConfigError, match=f"type {conn_type!r}")
+    assert "pg_secret_password" not in str(error)
+    assert server.seen == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "conn",
+    [
+        {"host": "http://127.0.0.1", "port": 99999},
+        {"host": "http://127.0.0.1:99999"},
+        {"host": "http://127.0.0.1:abc"},
+        {"host": "http://127.0.0.1:8080", "port": 8081},
+        {"host": "https://api.ppio.com\n.evil.com"},
+        {"host": "https://user@api.ppio.com"},
+        {"host": "http://api.ppio.com"},
+    ],
+)
+def test_a_bad_host_or_port_is_a_configuration_error_at_once_on_every_path(
+    monkeypatch: pytest.MonkeyPatch, lookups: list[str], path: str, conn: dict[str, Any]
+) -> None:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PPIO_DEFAULT",
+        json.dumps({"conn_type": "ppio", "password": "k_12345", "extra": {"backoff_initial": 2}, **conn}),
+    )
+    assert_raises_at_once(path, PPIOConnectionConfigError, match="ppio_default")
+    assert lookups == []  # nothing was even looked up, let alone sent
