@@ -13,7 +13,7 @@ whenever the image has been prewarmed there, and reads the details from the asse
 
 **More regions than the quota.** A PPIO account runs at most 5 prewarm tasks at once (the default quota),
 and ``REGIONS`` lists 8. When all 8 mapped tasks start together, 5 creates are accepted and 3 are refused
-with ``PREWARM_TASK_QUOTA_EXCEEDED``. Those 3 do not fail: the create operator's ``wait_for_quota`` (on by
+with ``IMAGE_PREWARM_NUM_LIMIT``. Those 3 do not fail: the create operator's ``wait_for_quota`` (on by
 default) waits for a free slot, first about ``poke_interval`` then doubling, with jitter, up to 4 times it,
 and creates then, all within ``timeout``. In deferrable mode the waits are deferred to the triggerer and hold
 no worker slot. Each refused create is logged as a warning ("The account's prewarm quota is used up...").

@@ -4,6 +4,7 @@ Example::
 
     ppio-emulator --port 8080 --api-key my-test-key --running-seconds 10
     ppio-emulator --port 8443 --tls --tls-dir ./emulator-tls   # https; trust ./emulator-tls/ca.pem
+    ppio-emulator --quota 5 --quota-counts-finished --quota-status 429   # finished tasks hold slots until deleted
     python -m airflow_provider_ppio.testing.cli --port 0
 """
 
@@ -45,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quota", type=int, default=5, help="max concurrent pending/running tasks; negative = unlimited"
+    )
+    parser.add_argument(
+        "--quota-status",
+        type=int,
+        default=400,
+        choices=(400, 403, 429),
+        help="HTTP status of a create refused over the quota, reason IMAGE_PREWARM_NUM_LIMIT (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quota-counts-finished",
+        action="store_true",
+        help="finished (succeeded or failed) tasks count toward the quota until they are deleted, as PPIO's console "
+        "counts created tasks",
     )
     parser.add_argument(
         "--control-token", default=None, help="require header X-Emulator-Token on /_emulator/* endpoints"
@@ -94,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds_per_gb=args.seconds_per_gb,
             fail_pattern=args.fail_pattern,
             quota=None if args.quota < 0 else args.quota,
+            quota_status=args.quota_status,
+            quota_counts_finished=args.quota_counts_finished,
             control_token=args.control_token,
         )
     except ValueError as exc:

@@ -21,6 +21,9 @@ __all__ = [
     "GIB",
     "ID_MAX",
     "MIB",
+    "QUOTA_MESSAGE",
+    "QUOTA_REASON",
+    "QUOTA_STATUSES",
     "RUNTIME_FIELDS",
     "TERMINAL_STATES",
     "EmulatorConfig",
@@ -35,8 +38,13 @@ CONTROL_PREFIX = "/_emulator"
 DOCUMENTED_STATES = ("pending", "running", "succeeded", "failed")
 #: States after which a task never changes again.
 TERMINAL_STATES = frozenset({"succeeded", "failed"})
-#: States that count against the create quota.
+#: States that count against the create quota (and, with ``quota_counts_finished``, every task until deleted).
 ACTIVE_STATES = frozenset({"pending", "running"})
+#: How PPIO's console backend names a refusal over the prewarm limit (ppio-api/README.md section 2.5).
+QUOTA_REASON = "IMAGE_PREWARM_NUM_LIMIT"
+QUOTA_MESSAGE = "Image prewarm number exceeds limit"
+#: The statuses a quota refusal may be configured to use (PPIO does not document which one it sends).
+QUOTA_STATUSES = frozenset({400, 403, 429})
 #: Longest accepted task id (path parameter and seeded ids).
 ID_MAX = 255
 GIB = 1024**3
@@ -96,6 +104,11 @@ class EmulatorConfig:
     :param fail_pattern: regex searched in ``image``; a match makes the task end ``failed``.
         An empty string disables failures.
     :param quota: maximum concurrent pending/running tasks; ``None`` means unlimited.
+    :param quota_status: HTTP status of a create refused over the quota (400, 403 or 429). PPIO documents
+        none; its error bodies repeat the status as ``code`` and its platform guide keeps 429 for request
+        rates and 403 for permissions, so a refused create is most likely a 400 (the default).
+    :param quota_counts_finished: count finished (succeeded or failed) tasks toward ``quota`` too, until
+        they are deleted, as PPIO's console does ("{total}/{limit} Image prewarming tasks created").
     :param default_page_size: list page size when ``limit`` is absent or 0.
     :param max_page_size: larger ``limit`` values are clamped to this.
     :param max_note_length: longest accepted ``note`` (not documented by the vendor).
@@ -111,6 +124,8 @@ class EmulatorConfig:
     seconds_per_gb: float = 0.0
     fail_pattern: str = "fail"
     quota: int | None = 5
+    quota_status: int = 400
+    quota_counts_finished: bool = False
     default_page_size: int = 20
     max_page_size: int = 100
     max_note_length: int = 4096
@@ -126,6 +141,8 @@ class EmulatorConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.quota is not None and self.quota < 0:
             raise ValueError(f"quota must be >= 0 or None (unlimited), got {self.quota!r}")
+        if self.quota_status not in QUOTA_STATUSES:
+            raise ValueError(f"quota_status must be one of {sorted(QUOTA_STATUSES)}, got {self.quota_status!r}")
         if self.default_page_size < 1 or self.max_page_size < self.default_page_size:
             raise ValueError("need 1 <= default_page_size <= max_page_size")
         if self.max_note_length < 0 or self.request_log_size < 1:
@@ -137,4 +154,12 @@ class EmulatorConfig:
 
 
 #: Fields of :class:`EmulatorConfig` that ``PUT /_emulator/config`` may change at run time.
-RUNTIME_FIELDS = ("pending_seconds", "running_seconds", "seconds_per_gb", "fail_pattern", "quota")
+RUNTIME_FIELDS = (
+    "pending_seconds",
+    "running_seconds",
+    "seconds_per_gb",
+    "fail_pattern",
+    "quota",
+    "quota_status",
+    "quota_counts_finished",
+)

@@ -14,14 +14,15 @@ __all__ = ["ApiError", "bad_request", "error_body", "error_response", "status_re
 
 
 def error_body(status: int, reason: str, message: str) -> dict[str, Any]:
-    """Build the (inferred) error body used by every error response.
+    """Build the error body used by every error response, shaped as PPIO's console backend answers.
 
     :param status: HTTP status code, repeated as ``code``.
     :param reason: UPPER_SNAKE machine-readable reason.
     :param message: human-readable text.
-    :return: ``{"code": status, "reason": reason, "message": message}``.
+    :return: ``{"code": status, "reason": reason, "message": message, "metadata": {}}``
+        (ppio-api/README.md section 2.5).
     """
-    return {"code": status, "reason": reason, "message": message}
+    return {"code": status, "reason": reason, "message": message, "metadata": {}}
 
 
 def error_response(status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

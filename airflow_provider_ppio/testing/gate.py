@@ -141,7 +141,7 @@ _REASON_BODY_LIMIT = 64 * 1024
 
 
 def _error_reason(raw: bytes) -> str | None:
-    """The ``reason`` of an error body, e.g. ``PREWARM_TASK_QUOTA_EXCEEDED``; None if it has none."""
+    """The ``reason`` of an error body, e.g. ``IMAGE_PREWARM_NUM_LIMIT``; None if it has none."""
     data = _maybe_json(raw[:_REASON_BODY_LIMIT])
     reason = data.get("reason") if isinstance(data, dict) else None
     return reason if isinstance(reason, str) else None

@@ -11,7 +11,9 @@ Fixtures:
 * ``ppio_emulator_factory`` - ``factory(config=None, *, tls=False, **overrides) -> EmulatorServer``:
   a fresh, started server with a custom
   :class:`~airflow_provider_ppio.testing.emulator.EmulatorConfig` (e.g. ``clock=FakeClock()``,
-  ``quota=1``), over https with its own CA if ``tls=True``; stopped at the end of the test.
+  ``quota=1``, ``quota_status=429``, ``quota_counts_finished=True``), over https with its own CA if
+  ``tls=True``; stopped at the end of the test. The session emulators take the same quota options at run
+  time: ``ppio_emulator.control.configure(quota=1, quota_counts_finished=True)``.
 * ``ppio_emulator_session`` / ``ppio_emulator_tls_session`` - the session-wide servers behind
   ``ppio_emulator`` / ``ppio_emulator_tls`` (not reset).
 

@@ -121,6 +121,10 @@ class ConfigPatch(ControlModel):
     fail_pattern: str | None = None
     #: ``null`` means unlimited; omit the field to leave the quota unchanged.
     quota: Annotated[int, Field(ge=0)] | None = None
+    #: 400, 403 or 429: the status of a create refused over the quota.
+    quota_status: int | None = None
+    #: Count finished tasks toward the quota until they are deleted.
+    quota_counts_finished: bool | None = None
 
 
 class ClockBody(ControlModel):

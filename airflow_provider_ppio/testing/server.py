@@ -228,7 +228,7 @@ class EmulatorControl:
         """The API requests received so far (never the API key).
 
         :return: entries with ``method``, ``path``, ``query``, ``auth_present``, ``auth_valid``,
-            ``status``, ``reason`` (of an error answer, e.g. ``PREWARM_TASK_QUOTA_EXCEEDED``; None
+            ``status``, ``reason`` (of an error answer, e.g. ``IMAGE_PREWARM_NUM_LIMIT``; None
             for a success), ``fault``, ``json``, ``content_type``, ``user_agent``, ``time``, ``seq``.
         """
         result: list[dict[str, Any]] = self._call("GET", "/requests")["data"]
@@ -240,7 +240,8 @@ class EmulatorControl:
         :return: ``active`` (pending or running now), ``peak_active`` (the most pending or running
             at one instant, exact, worked out from the task timelines), ``peak_at`` (emulator time
             it was first reached, None if never), ``creates`` (accepted API creates),
-            ``refused_creates`` (creates refused with ``PREWARM_TASK_QUOTA_EXCEEDED``), ``quota``,
+            ``refused_creates`` (creates refused with ``IMAGE_PREWARM_NUM_LIMIT``), ``quota``,
+            ``quota_counts_finished``, ``counted`` (tasks counting toward the quota now),
             ``since`` and ``now`` (emulator times).
         """
         result: dict[str, Any] = self._call("GET", "/stats")
@@ -259,7 +260,8 @@ class EmulatorControl:
         """Change lifecycle settings for tasks created afterwards (undone by :meth:`reset`).
 
         :param fields: any of ``pending_seconds``, ``running_seconds``, ``seconds_per_gb``,
-            ``fail_pattern``, ``quota`` (``None`` = unlimited).
+            ``fail_pattern``, ``quota`` (``None`` = unlimited), ``quota_status`` (400, 403 or 429),
+            ``quota_counts_finished`` (finished tasks count toward the quota until deleted).
         :return: the settings now in effect.
         """
         result: dict[str, Any] = self._call("PUT", "/config", fields)

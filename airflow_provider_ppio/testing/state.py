@@ -25,6 +25,8 @@ from airflow_provider_ppio.testing.config import (
     ACTIVE_STATES,
     GB,
     GIB,
+    QUOTA_MESSAGE,
+    QUOTA_REASON,
     RUNTIME_FIELDS,
     TERMINAL_STATES,
     EmulatorConfig,
@@ -217,6 +219,12 @@ class EmulatorStore:
     def _state(self, task: _Task, now: float) -> str:
         return self._current(task, now)[0].state
 
+    def _counted(self, now: float) -> int:
+        """Tasks that count toward the quota now: pending and running ones, or every stored one."""
+        if self.config.quota_counts_finished:
+            return len(self._tasks)
+        return sum(1 for t in self._tasks.values() if self._state(t, now) in ACTIVE_STATES)
+
     def _render(self, task: _Task, now: float) -> dict[str, Any]:
         phase, started = self._current(task, now)
         state = phase.state
@@ -284,21 +292,16 @@ class EmulatorStore:
 
         :param body: validated create body.
         :return: ``{"task_id": ...}``.
-        :raises ApiError: 400 ``PREWARM_TASK_QUOTA_EXCEEDED`` when the quota is used up.
+        :raises ApiError: ``quota_status`` (400 by default) ``IMAGE_PREWARM_NUM_LIMIT`` when the quota is
+            used up: pending and running tasks count, and finished ones too with ``quota_counts_finished``.
         """
         with self._lock:
             cfg = self.config
             now = self.now()
             quota = cfg.quota
-            if quota is not None:
-                active = sum(1 for t in self._tasks.values() if self._state(t, now) in ACTIVE_STATES)
-                if active >= quota:
-                    self._refused_creates += 1
-                    raise bad_request(
-                        f"prewarm task quota exceeded: at most {quota} concurrent (pending or running) "
-                        "prewarm tasks per account; wait for one to finish or delete one",
-                        "PREWARM_TASK_QUOTA_EXCEEDED",
-                    )
+            if quota is not None and self._counted(now) >= quota:
+                self._refused_creates += 1
+                raise ApiError(cfg.quota_status, QUOTA_REASON, QUOTA_MESSAGE)
             size = image_size_for(body.image)
             fails = bool(cfg.fail_pattern) and re.search(cfg.fail_pattern, body.image) is not None
             running = cfg.running_seconds + cfg.seconds_per_gb * size / GB
@@ -567,7 +570,7 @@ class EmulatorStore:
         count as active too; only API creates count in ``creates`` and ``refused_creates``.
 
         :return: ``{"active", "peak_active", "peak_at", "creates", "refused_creates", "quota",
-            "since", "now"}``.
+            "quota_counts_finished", "counted" (tasks counting toward the quota now), "since", "now"}``.
         """
         with self._lock:
             now = self.now()
@@ -580,6 +583,8 @@ class EmulatorStore:
                 "creates": self._creates,
                 "refused_creates": self._refused_creates,
                 "quota": self.config.quota,
+                "quota_counts_finished": self.config.quota_counts_finished,
+                "counted": self._counted(now),
                 "since": self._since,
                 "now": now,
             }

@@ -118,3 +118,36 @@ def test_lifecycle_responses_match_the_spec() -> None:
         anonymous = requests.get(url, timeout=10)
         assert anonymous.status_code == 401
         list_all.validate_response(anonymous)
+
+
+@pytest.mark.parametrize("status", [400, 403, 429])
+@pytest.mark.parametrize("counts_finished", [False, True])
+def test_a_quota_refusal_matches_the_spec_in_ppio_s_words(status: int, counts_finished: bool) -> None:
+    """A create over the limit, at each configurable status and in both counting modes, as the spec describes."""
+    import requests
+
+    from airflow_provider_ppio.testing.server import EmulatorServer
+
+    clock = FakeClock()
+    create = schema["/gpus/v2/prewarm-tasks"]["POST"]
+    config = EmulatorConfig(
+        api_key=API_KEY, clock=clock, quota=1, quota_status=status, quota_counts_finished=counts_finished
+    )
+    with EmulatorServer(config) as emu, requests.Session() as http:
+        http.headers["Authorization"] = f"Bearer {API_KEY}"
+        url = f"{emu.base_url}/gpus/v2/prewarm-tasks"
+        body = {"image": "registry.example.com/team/ok:1", "region_id": "r"}
+        create.validate_response(http.post(url, json=body, timeout=10))
+        clock.advance(60)  # the first task has finished
+        refused = http.post(url, json=body, timeout=10)
+        if not counts_finished:
+            assert refused.status_code == 200
+            refused = http.post(url, json=body, timeout=10)
+        assert refused.status_code == status
+        create.validate_response(refused)
+        assert refused.json() == {
+            "code": status,
+            "reason": "IMAGE_PREWARM_NUM_LIMIT",
+            "message": "Image prewarm number exceeds limit",
+            "metadata": {},
+        }

@@ -194,7 +194,7 @@ def prewarm_phase(emulator: Any) -> dict[str, Any]:
     log = emulator.control.requests_log()
     posts = [entry for entry in log if entry["method"] == "POST" and entry["path"] == TASKS]
     accepted = [entry for entry in posts if entry["status"] == 200]
-    refused = [entry for entry in posts if entry["reason"] == "PREWARM_TASK_QUOTA_EXCEEDED"]
+    refused = [entry for entry in posts if entry["reason"] == "IMAGE_PREWARM_NUM_LIMIT"]
     task_ids = {task["task_id"] for task in emulator.control.tasks()}
     task_ids |= {entry["path"][len(TASK_PATH) :] for entry in log if entry["path"].startswith(TASK_PATH)}
     last_reads = [

@@ -67,11 +67,12 @@ def get(emu: EmulatorServer, task_id: str) -> dict[str, Any]:
 
 
 def assert_error(response: requests.Response, status: int, reason: str, *fragments: str) -> None:
-    """The response is our JSON error body with this status and reason."""
+    """The response is the JSON error body PPIO's backend sends, with this status and reason."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"code", "reason", "message"}
+    assert set(body) == {"code", "reason", "message", "metadata"}
+    assert body["metadata"] == {}
     assert body["code"] == status
     assert body["reason"] == reason
     for fragment in fragments:
@@ -326,12 +327,9 @@ def test_quota_of_five_concurrent_tasks(fake: tuple[EmulatorServer, FakeClock]) 
     emu, clock = fake
     ids = [create(emu, f"img:{i}") for i in range(5)]
     response = call(emu, "POST", json=VALID)
-    assert_error(
-        response,
-        400,
-        "PREWARM_TASK_QUOTA_EXCEEDED",
-        "prewarm task quota exceeded: at most 5 concurrent (pending or running) prewarm tasks per account",
-    )
+    # In the words of PPIO's console backend (ppio-api/README.md section 2.5).
+    assert_error(response, 400, "IMAGE_PREWARM_NUM_LIMIT")
+    assert response.json()["message"] == "Image prewarm number exceeds limit"
     # deleting one frees a slot
     assert call(emu, "DELETE", json={"task_ids": [ids[0]]}).json() == {}
     sixth = create(emu)
@@ -342,6 +340,48 @@ def test_quota_of_five_concurrent_tasks(fake: tuple[EmulatorServer, FakeClock]) 
     for i in range(5):
         create(emu, f"more:{i}")
     assert call(emu, "POST", json=VALID).status_code == 400
+
+
+@pytest.mark.parametrize("status", [400, 403, 429])
+def test_the_quota_status_is_configurable(ppio_emulator_factory: Factory, status: int) -> None:
+    emu = ppio_emulator_factory(quota=0, quota_status=status)
+    assert_error(call(emu, "POST", json=VALID), status, "IMAGE_PREWARM_NUM_LIMIT", "Image prewarm number exceeds limit")
+    emu.control.configure(quota_status=400 if status != 400 else 429)
+    assert call(emu, "POST", json=VALID).status_code == (400 if status != 400 else 429)
+    with pytest.raises(EmulatorControlError) as excinfo:
+        emu.control.configure(quota_status=418)
+    assert excinfo.value.status == 400
+
+
+def test_finished_tasks_count_until_deleted_when_asked(fake: tuple[EmulatorServer, FakeClock]) -> None:
+    emu, clock = fake
+    emu.control.configure(quota=2, quota_counts_finished=True)
+    first, second = create(emu, "img:1"), create(emu, "img:2")
+    clock.advance(10)
+    assert {get(emu, task_id)["status"]["status"] for task_id in (first, second)} == {"succeeded"}
+    # Nothing is pending or running, yet the create is refused: finished tasks hold their slots.
+    assert_error(call(emu, "POST", json=VALID), 400, "IMAGE_PREWARM_NUM_LIMIT")
+    stats = emu.control.stats()
+    assert (stats["active"], stats["counted"], stats["quota_counts_finished"]) == (0, 2, True)
+    # Deleting a finished task frees its slot.
+    assert call(emu, "DELETE", json={"task_ids": [first]}).json() == {}
+    create(emu, "img:3")
+    assert call(emu, "POST", json=VALID).status_code == 400
+    # Without the mode (the default), finished tasks do not count.
+    emu.control.configure(quota_counts_finished=False)
+    clock.advance(10)
+    create(emu, "img:4")
+
+
+def test_the_mode_and_status_come_from_the_command_line() -> None:
+    from airflow_provider_ppio.testing.cli import build_parser
+
+    args = build_parser().parse_args(["--quota", "2", "--quota-counts-finished", "--quota-status", "429"])
+    assert (args.quota, args.quota_counts_finished, args.quota_status) == (2, True, 429)
+    defaults = build_parser().parse_args([])
+    assert (defaults.quota_counts_finished, defaults.quota_status) == (False, 400)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--quota-status", "500"])
 
 
 def test_quota_holds_under_concurrent_creates(ppio_emulator: EmulatorServer) -> None:
@@ -372,7 +412,7 @@ def test_each_refused_create_is_logged_with_its_reason_and_counted(fake: tuple[E
     create(emu, "img:late")
 
     posts = [(e["status"], e["reason"]) for e in emu.control.requests_log() if e["method"] == "POST"]
-    assert posts == [(200, None)] * 5 + [(400, "PREWARM_TASK_QUOTA_EXCEEDED")] * 3 + [
+    assert posts == [(200, None)] * 5 + [(400, "IMAGE_PREWARM_NUM_LIMIT")] * 3 + [
         (400, "INVALID_ARGUMENT"),
         (200, None),
     ]
