@@ -16,12 +16,14 @@ DEFAULT_CONN_ID = "ppio_default"
 DEFAULT_BASE_URL = "https://api.ppio.com"
 
 #: How the connection form looks; the hook's ``get_ui_field_behaviour`` returns the same dict (2.11).
+#: The port is shown because it is honoured (a port in the Base URL works too; the two must agree).
 UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["schema", "port", "login"],
-    "relabeling": {"password": "API Key", "host": "Base URL"},
+    "hidden-fields": ["schema", "login"],
+    "relabeling": {"password": "API Key", "host": "Base URL", "port": "Port (optional)"},
     "placeholders": {
         "password": "sk_... (your PPIO or Novita AI API key)",
         "host": f"{DEFAULT_BASE_URL} (Novita AI: https://api.novita.ai)",
+        "port": "443 for https, or the port written in the Base URL",
         "extra": '{"timeout": 30, "max_attempts": 5}',
     },
 }

@@ -165,13 +165,13 @@ class ClientSettings:
             )
         options = {**extra, **{k: v for k, v in (overrides or {}).items() if v is not None}}
         base_url = _base_url(conn_id, host, port)
-        if urlsplit(base_url).scheme != "https" and not is_loopback(base_url):
-            if not _flag(conn_id, options, "allow_insecure_http"):
-                raise PPIOConnectionConfigError(
-                    f"Connection {conn_id!r}: Base URL {base_url} is plain http to a host that is not this machine: "
-                    "the API key would travel in clear. Use https, or set the connection extra "
-                    '"allow_insecure_http": true if this network is trusted'
-                )
+        insecure = urlsplit(base_url).scheme != "https" and not is_loopback(base_url)
+        if insecure and not _flag(conn_id, options, "allow_insecure_http"):
+            raise PPIOConnectionConfigError(
+                f"Connection {conn_id!r}: Base URL {base_url} is plain http to a host that is not this machine: "
+                "the API key would travel in clear. Use https, or set the connection extra "
+                '"allow_insecure_http": true if this network is trusted'
+            )
 
         def number(name: str, kind: type = float) -> Any:
             return _positive(conn_id, options, name, getattr(cls, name), kind)  # default: the field's
@@ -280,7 +280,9 @@ def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
         )
     if "\\" in raw or "%" in parts.netloc:
         raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host")
-    hostname, sep, host_port = parts.netloc.rpartition(":") if not parts.netloc.endswith("]") else (parts.netloc, "", "")
+    hostname, sep, host_port = (
+        parts.netloc.rpartition(":") if not parts.netloc.endswith("]") else (parts.netloc, "", "")
+    )
     if not sep:
         hostname, host_port = parts.netloc, ""
     elif host_port == "" or not host_port.isdigit():

@@ -31,7 +31,7 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
 ]
 UI_TIMEOUT_MS = 60_000
-RELABELLED = UI_FIELD_BEHAVIOUR["relabeling"]  # {"password": "API Key", "host": "Base URL"}
+RELABELLED = UI_FIELD_BEHAVIOUR["relabeling"]  # {"password": "API Key", "host": "Base URL", "port": "Port (optional)"}
 #: The labels Airflow gives the standard fields; the PPIO form must show none of them.
 STANDARD_LABELS = {"host": "Host", "login": "Login", "password": "Password", "port": "Port", "schema": "Schema"}
 
@@ -100,7 +100,7 @@ def test_add_connection_form_shows_ppio_fields(browser: Any, deployment: Deploym
         _choose_type(page, dialog, "PPIO")
         expect(dialog.get_by_text(RELABELLED["password"], exact=True)).to_be_visible()
         labels = _visible_labels(dialog)
-        assert {RELABELLED["password"], RELABELLED["host"]} <= labels, labels
+        assert {RELABELLED["password"], RELABELLED["host"], RELABELLED["port"]} <= labels, labels
         assert not labels & set(STANDARD_LABELS.values()), f"standard fields still shown: {labels}"
         expect(dialog.get_by_label(RELABELLED["password"])).to_have_attribute("type", "password")
         placeholders = UI_FIELD_BEHAVIOUR["placeholders"]

@@ -437,9 +437,7 @@ DOT_SEGMENT_PATHS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "path", ["gpus/v2", "//evil.example/x", "/a?b=1", "/a#b", "/a b", "/a\\b", *DOT_SEGMENT_PATHS]
-)
+@pytest.mark.parametrize("path", ["gpus/v2", "//evil.example/x", "/a?b=1", "/a#b", "/a b", "/a\\b", *DOT_SEGMENT_PATHS])
 def test_generic_get_refuses_paths_that_could_leave_the_api(
     hook: PPIOHook, requests_mock: rm.Mocker, path: str
 ) -> None:
@@ -455,9 +453,9 @@ def test_dot_segments_never_leave_a_base_path(
     set_conn: Callable[..., None], requests_mock: rm.Mocker, path: str
 ) -> None:
     set_conn(host="https://gw.example.com/ppio")
-    with pytest.raises(PPIOInvalidInputError, match="dot segments|single"):
+    with pytest.raises(PPIOInvalidInputError, match=r"dot segments|single"):
         PPIOHook().get(path)
-    with pytest.raises(PPIOInvalidInputError, match="dot segments|single"):
+    with pytest.raises(PPIOInvalidInputError, match=r"dot segments|single"):
         asyncio.run(PPIOHook().aget(path))
     assert requests_mock.call_count == 0
 
@@ -523,9 +521,12 @@ def test_get_prewarm_task_parses_every_status(
         (401, {"message": "invalid api key"}, PPIOAuthError, 1),
         (403, {"message": "forbidden"}, PPIOAuthError, 1),
         (404, {"message": "task not found"}, PPIONotFoundError, 1),
+        (408, {"message": "request timeout"}, PPIOServerError, 5),
         (409, {"message": "conflict"}, PPIOBadRequestError, 1),
         (422, {"detail": "bad field"}, PPIOBadRequestError, 1),
         (429, {"message": "slow down"}, PPIORateLimitError, 5),
+        (429, {"message": "request quota exceeded, slow down"}, PPIORateLimitError, 5),
+        (403, {"message": "no quota permission for this key"}, PPIOAuthError, 1),
         (500, {"message": "internal"}, PPIOServerError, 5),
         (502, {"message": "bad gateway"}, PPIOServerError, 5),
         (503, {"message": "unavailable"}, PPIOServerError, 5),
@@ -565,6 +566,42 @@ def test_quota_error_explains_the_limit_and_lets_task_retries_apply(
     assert not isinstance(info.value, (PPIOBadRequestError, AirflowFailException))
     assert info.value.api_reason == "QUOTA"
     assert "5 by default" in str(info.value)
+
+
+#: Quota refusals as PPIO's console backend words them (ppio-api/README.md section 2.5).
+PPIO_QUOTA_BODIES = [
+    {"code": 400, "reason": "IMAGE_PREWARM_NUM_LIMIT", "message": "Image prewarm number exceeds limit", "metadata": {}},
+    {"code": 403, "reason": "IMAGE_PREWARM_NUM_LIMIT", "message": "", "metadata": {}},
+    {"reason": "FORBIDDEN", "message": "prewarm number exceeds limit"},
+    {"message": "Image prewarm number exceeds limit (5)"},
+    {"reason": "PREWARM_TASK_QUOTA_EXCEEDED", "message": "at most 5 concurrent prewarm tasks"},
+]
+
+
+@pytest.mark.parametrize("status", [400, 403, 429])
+@pytest.mark.parametrize("body", PPIO_QUOTA_BODIES)
+def test_a_quota_refusal_in_ppio_s_words_is_a_quota_error_whatever_the_status(
+    hook: PPIOHook, requests_mock: rm.Mocker, ppio_conn: str, sleeps: list[float], status: int, body: dict[str, Any]
+) -> None:
+    requests_mock.post(f"{ppio_conn}{TASKS}", status_code=status, json=body)
+    with pytest.raises(PPIOQuotaExceededError) as info:
+        hook.create_prewarm_task("img:1", "us-east-1")
+    error = info.value
+    assert error.http_status == status
+    assert not isinstance(error, (PPIOAuthError, PPIORateLimitError, AirflowFailException))
+    assert requests_mock.call_count == 1  # not retried as a rate limit: waiting for a slot is the operator's
+    assert (body.get("reason") or "") == (error.api_reason or "")
+    # What to do, including the finished tasks that may count until deleted.
+    assert "finished" in str(error) and "until they are deleted" in str(error)
+    assert "PPIODeletePrewarmTasksOperator" in str(error)
+
+
+def test_a_409_stays_a_conflict_with_its_status(hook: PPIOHook, requests_mock: rm.Mocker, ppio_conn: str) -> None:
+    # The create operator looks its task up by marker on a 409: it needs the status, not a quota error.
+    requests_mock.post(f"{ppio_conn}{TASKS}", status_code=409, json={"reason": "CONFLICT", "message": "exists"})
+    with pytest.raises(PPIOBadRequestError) as info:
+        hook.create_prewarm_task("img:1", "us-east-1")
+    assert info.value.http_status == 409
 
 
 @pytest.mark.parametrize(
@@ -851,6 +888,7 @@ def test_retry_warning_is_logged(
     [
         {"status_code": 500, "json": {"message": "oops"}},
         {"status_code": 503, "json": {}},
+        {"status_code": 408, "json": {"message": "request timeout"}},
         {"exc": requests.exceptions.ReadTimeout("read timed out")},
         {"exc": requests.ConnectionError("connection reset by peer")},
     ],

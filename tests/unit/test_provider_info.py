@@ -61,6 +61,17 @@ def test_provider_info_names_the_package_version_and_connection_type() -> None:
     assert set(conn_type["conn-fields"]) == {"timeout", "max_attempts"}
 
 
+def test_the_connection_type_the_hook_checks_is_the_declared_one() -> None:
+    from airflow_provider_ppio.exceptions import PPIOConnectionConfigError
+    from airflow_provider_ppio.hooks._shared import check_connection_type
+
+    (conn_type,) = get_provider_info()["connection-types"]
+    check_connection_type("c", conn_type["connection-type"])
+    assert PPIOHook.conn_type == conn_type["connection-type"]
+    with pytest.raises(PPIOConnectionConfigError, match="'http'"):
+        check_connection_type("c", "http")
+
+
 def test_every_listed_module_imports() -> None:
     for kind in MODULE_KINDS:
         for module in listed_modules(kind):
@@ -172,8 +183,8 @@ def test_providers_manager_knows_the_connection_type(providers_manager: Any) -> 
 )
 def test_providers_manager_loads_the_connection_form(providers_manager: Any) -> None:
     behaviour = providers_manager.field_behaviours["ppio"]
-    assert behaviour["hidden_fields"] == ["schema", "port", "login"]
-    assert behaviour["relabeling"] == {"password": "API Key", "host": "Base URL"}
+    assert behaviour["hidden_fields"] == ["schema", "login"]  # the port is honoured, so it is shown
+    assert behaviour["relabeling"] == {"password": "API Key", "host": "Base URL", "port": "Port (optional)"}
     widgets = providers_manager.connection_form_widgets
     assert {"extra__ppio__timeout", "extra__ppio__max_attempts"} <= set(widgets)
 
