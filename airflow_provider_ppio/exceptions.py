@@ -58,7 +58,10 @@ class PPIOInvalidInputError(PPIOError, AirflowFailException, ValueError):
 
 
 class PPIOConnectionConfigError(PPIOError, AirflowFailException):
-    """The Airflow connection is missing or incomplete (no API key, bad base URL, bad extras, bad CA bundle)."""
+    """
+    The Airflow connection is unusable: not of type ``ppio``, no API key, a bad base URL or port, plain http to
+    another machine without ``allow_insecure_http``, bad extras or CA bundle. Raised before any request.
+    """
 
 
 class PPIOAPIError(PPIOError):
@@ -71,7 +74,8 @@ class PPIOBadRequestError(PPIOAPIError, AirflowFailException):
 
 class PPIOQuotaExceededError(PPIOAPIError):
     """
-    The account's prewarm quota (5 concurrent tasks by default) is used up.
+    The account's prewarm quota (5 tasks by default) is used up: PPIO's ``IMAGE_PREWARM_NUM_LIMIT`` ("Image
+    prewarm number exceeds limit") or a "quota" refusal, whatever the HTTP status (400, 403 or 429).
 
     Not a :class:`PPIOBadRequestError`: the same request succeeds once a slot is free, so task
     retries apply.
@@ -101,7 +105,7 @@ class PPIORateLimitError(PPIOAPIError):
 
 
 class PPIOServerError(PPIOAPIError):
-    """The API failed on its side (5xx)."""
+    """The API failed on its side (5xx), or gave up waiting for the request (408): transient, maybe acted on."""
 
     transient = True
 
