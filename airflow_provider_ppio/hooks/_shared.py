@@ -241,12 +241,13 @@ def _flag(conn_id: str, options: Mapping[str, Any], name: str) -> bool:
 #: Control characters and whitespace: a URL parser may drop them (``api.ppio.com\n.evil.com`` becomes
 #: ``api.ppio.com.evil.com``) or a server may split on them.
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _port(conn_id: str, value: object, where: str) -> int:
     """A TCP port, 1-65535, from the connection's port field or the host's ``:port``."""
     text = str(value).strip()
-    if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 65535:
+    if isinstance(value, bool) or not _DIGITS.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise PPIOConnectionConfigError(
             f"Connection {conn_id!r}: {where} {value!r} is not a TCP port (a whole number from 1 to 65535)"
         )
@@ -268,7 +269,10 @@ def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
         )
     if "://" not in raw:
         raw = "https://" + raw
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PPIOConnectionConfigError(
             f"Connection {conn_id!r}: Base URL {raw!r} is not an http(s) URL such as {DEFAULT_BASE_URL}"
@@ -285,8 +289,12 @@ def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
     )
     if not sep:
         hostname, host_port = parts.netloc, ""
-    elif host_port == "" or not host_port.isdigit():
+    elif not _DIGITS.fullmatch(host_port):
         raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed port")
+    try:
+        hostname = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        hostname = ""
     if not re.fullmatch(r"[A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:.]+\]", hostname):
         raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host name")
     number = _port(conn_id, host_port, "the port in the Base URL") if host_port else None

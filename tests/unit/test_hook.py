@@ -107,6 +107,9 @@ def test_blank_api_key_is_missing(set_conn: Callable[..., None]) -> None:
         ("https://api.novita.ai", "https://api.novita.ai"),
         ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
         ("https://gateway.example.com/ppio/", "https://gateway.example.com/ppio"),
+        ("HTTPS://api.ppio.com:443", "https://api.ppio.com:443"),
+        ("https://[2001:db8::1]:8443", "https://[2001:db8::1]:8443"),
+        ("https://ä.example", "https://xn--4ca.example"),
     ],
 )
 def test_base_url_from_host(set_conn: Callable[..., None], host: str | None, base_url: str) -> None:
@@ -143,6 +146,9 @@ def test_novita_host_gets_the_requests(
         "https://api.ppio.com:",
         "https://api.ppio.com:-1",
         "https://api.ppio.com:8443:9",
+        "https://api.ppio.com:\uff18\uff10",
+        "https://[::1",
+        "https://api.ppio.com\u2028.evil.com",
         "https://api%2eppio.com",
         "https://api.ppio.com\\@evil.example",
         "https://api.ppio.com/ppio/../admin",
