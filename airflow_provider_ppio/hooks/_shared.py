@@ -83,6 +83,7 @@ class ConnectionFields(NamedTuple):
     conn_type: str | None
     host: str | None
     port: object
+    schema: str | None
     password: str | None
     extra: Mapping[str, Any]
 
@@ -94,7 +95,8 @@ class ConnectionFields(NamedTuple):
         :param conn: The connection.
         :param extra: Its extras, when already decoded (the async lookup decodes them off the event loop).
         """
-        return cls(conn.conn_type, conn.host, conn.port, conn.password, conn.extra_dejson if extra is None else extra)
+        extra = conn.extra_dejson if extra is None else extra
+        return cls(conn.conn_type, conn.host, conn.port, conn.schema, conn.password, extra)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class ClientSettings:
         password: str | None,
         extra: Mapping[str, Any],
         port: object = None,
+        schema: str | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> ClientSettings:
         """
@@ -154,6 +157,7 @@ class ClientSettings:
         :param extra: The connection's extras: the fields above that are numbers, ``ca_bundle``, ``verify`` and
             ``allow_insecure_http``.
         :param port: The connection's port, if any (it must agree with a port written in the host).
+        :param schema: The connection's schema: a URI's path (the base path), or ``http``/``https``.
         :param overrides: Values given to the hook directly; they win over the extras.
         """
         check_connection_type(conn_id, conn_type)
@@ -164,7 +168,7 @@ class ClientSettings:
                 '("API Key") field, e.g. AIRFLOW_CONN_PPIO_DEFAULT=\'{"conn_type": "ppio", "password": "sk_..."}\''
             )
         options = {**extra, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-        base_url = _base_url(conn_id, host, port)
+        base_url = _base_url(conn_id, host, port, schema)
         insecure = urlsplit(base_url).scheme != "https" and not is_loopback(base_url)
         if insecure and not _flag(conn_id, options, "allow_insecure_http"):
             raise PPIOConnectionConfigError(
@@ -254,21 +258,31 @@ def _port(conn_id: str, value: object, where: str) -> int:
     return int(text)
 
 
-def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
+def _base_url(conn_id: str, host: str | None, port: object = None, schema: str | None = None) -> str:
     """
     The connection's host (and port) as ``scheme://host[:port][/path]``, https when no scheme is given.
 
     :param conn_id: The connection id, for messages.
     :param host: The Base URL field.
     :param port: The port field; a port in the host too must be the same one.
+    :param schema: The schema field: the path of a URI (``ppio://:KEY@gw.example.com/ppio``), used as the base
+        path, or ``http``/``https`` as HTTP connections spell the scheme.
     """
     raw = (host or "").strip() or DEFAULT_BASE_URL
-    if _CONTROL_OR_SPACE.search(raw):
+    base_path = (schema or "").strip()
+    if _CONTROL_OR_SPACE.search(raw) or _CONTROL_OR_SPACE.search(base_path):
         raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: Base URL {raw!r} contains whitespace or control characters"
+            f"Connection {conn_id!r}: Base URL {raw!r} (schema {base_path!r}) contains whitespace or control characters"
         )
+    scheme = base_path.lower() if base_path.lower() in ("http", "https") else None
+    if scheme is not None:
+        base_path = ""
     if "://" not in raw:
-        raw = "https://" + raw
+        raw = f"{scheme or 'https'}://{raw}"
+    elif scheme is not None and not raw.lower().startswith(scheme + "://"):
+        raise PPIOConnectionConfigError(
+            f"Connection {conn_id!r}: the Base URL {raw!r} and the schema field {scheme!r} name different schemes"
+        )
     try:
         parts = urlsplit(raw)
     except ValueError:  # e.g. an unclosed IPv6 bracket
@@ -308,6 +322,15 @@ def _base_url(conn_id: str, host: str | None, port: object = None) -> str:
         number = field_port
     netloc = hostname if number is None else f"{hostname}:{number}"
     path = parts.path.rstrip("/")
+    if base_path.strip("/"):
+        if path:
+            raise PPIOConnectionConfigError(
+                f"Connection {conn_id!r}: the Base URL has the path {path!r} and the schema field adds "
+                f"{base_path!r}; give the path in one place"
+            )
+        if _UNSAFE_PATH_CHARACTERS.search(base_path):
+            raise PPIOConnectionConfigError(f"Connection {conn_id!r}: the base path {base_path!r} is malformed")
+        path = "/" + base_path.strip("/")
     if any(segment in (".", "..") for segment in _decoded_segments(path)):
         raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL path {parts.path!r} has dot segments")
     return f"{parts.scheme}://{netloc}{path}"

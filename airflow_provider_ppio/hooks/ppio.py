@@ -136,6 +136,7 @@ class PPIOHook(BaseHook):
             conn_type=fields.conn_type,
             host=fields.host,
             port=fields.port,
+            schema=fields.schema,
             password=fields.password,
             extra=fields.extra,
             overrides=self._overrides,

@@ -217,6 +217,13 @@ def test_plain_http_to_this_machine_needs_no_extra(set_conn: Callable[..., None]
         ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "https://gw.example.com:8443", "port": 8443}', None),
         ('{"conn_type": "ppio", "password": "sk_uri_key", "host": "https://gw.example.com:8443"}', None),
         ('{"conn_type": "PPIO", "password": "sk_uri_key", "host": "https://gw.example.com:8443"}', None),
+        # A URI's path is the connection's schema: it is the base path.
+        ("ppio://:sk_uri_key@gw.example.com:8443/ppio", "https://gw.example.com:8443/ppio"),
+        # HTTP connections spell the scheme in the schema field.
+        (
+            '{"conn_type": "ppio", "password": "sk_uri_key", "host": "gw.example.com", "schema": "https", "port": 8443}',  # noqa: E501
+            None,
+        ),
     ],
 )
 def test_the_connection_port_is_where_requests_go(
@@ -239,9 +246,12 @@ def test_the_connection_port_is_where_requests_go(
         ('{"conn_type": "ppio", "password": "k_12345", "host": "gw.example.com", "port": 99999}', "99999"),
         ('{"conn_type": "ppio", "password": "k_12345", "host": "gw.example.com", "port": -1}', "-1"),
         ("ppio://:k_12345@gw.example.com:0", "0"),
+        ('{"conn_type": "ppio", "password": "k_12345", "host": "https://gw.example.com/a", "schema": "b"}', "path"),
+        ('{"conn_type": "ppio", "password": "k_12345", "host": "https://gw.example.com", "schema": "http"}', "scheme"),
+        ("ppio://:k_12345@gw.example.com/a/%2e%2e/admin", "dot segments"),
     ],
 )
-def test_a_bad_or_conflicting_port_fails_at_once_with_no_request(
+def test_a_bad_or_conflicting_port_or_path_fails_at_once_with_no_request(
     monkeypatch: pytest.MonkeyPatch, requests_mock: rm.Mocker, sleeps: list[float], conn: str, expected: str
 ) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_PPIO_BADPORT", conn)
