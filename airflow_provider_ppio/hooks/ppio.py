@@ -50,11 +50,14 @@ class PPIOHook(BaseHook):
     """
     Talks to the PPIO (or Novita AI) GPU API v2 with an API key kept in an Airflow connection.
 
-    The connection's password is the API key, its host the base URL (default ``https://api.ppio.com``;
-    Novita AI users set ``https://api.novita.ai``). Its extras may set ``timeout`` (seconds per
-    request, default 30), ``max_attempts`` (tries per call, default 5), ``unreachable_timeout`` (how
-    long a wait bears an API that gives no usable answer, default 600), ``ca_bundle`` (a CA file for
-    TLS) and ``verify`` (false turns certificate checks off). Both transports read the same settings.
+    The connection (type ``ppio``; any other type is refused before a request) has the API key as its
+    password and the base URL as its host (default ``https://api.ppio.com``; Novita AI users set
+    ``https://api.novita.ai``), with an optional port (or one in the host; the two must agree). Its
+    extras may set ``timeout`` (seconds per request, default 30), ``max_attempts`` (tries per call,
+    default 5), ``unreachable_timeout`` (how long a wait bears an API that gives no usable answer,
+    default 600), ``ca_bundle`` (a CA file for TLS), ``verify`` (false turns certificate checks off)
+    and ``allow_insecure_http`` (true lets plain http go to a host other than this machine). Both
+    transports read the same settings.
 
     :param ppio_conn_id: The Airflow connection id.
     :param timeout: Overrides the connection's request timeout, in seconds.
