@@ -37,6 +37,17 @@ def load_reports(results: Path = RESULTS) -> list[dict[str, Any]]:
     return sorted(reports, key=_version_key)
 
 
+def _line(version: str) -> str:
+    """An Airflow version as its line (``3.3``): exact versions are said only in docs/versions.md."""
+    return ".".join(str(version).split(".")[:2])
+
+
+def _measured(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "not run"
+    return "✓" if row["ok"] else "**✗** " + _cell(row["measured"])
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -57,14 +68,14 @@ def render(reports: list[dict[str, Any]]) -> str:
         scenarios = len({row["scenario"] for row in rows})
         slowest = max(rows, key=lambda row: row["seconds"])
         lines.append(
-            f"- **Airflow {report['airflow']}** (Python {report['python']}): {scenarios} scenarios x 3 paths = "
+            f"- **Airflow {_line(report['airflow'])}**: {scenarios} scenarios x 3 paths = "
             f"{len(rows)} cases; **{len(rows) - wrong} expected = measured, {wrong} wrong, {hangs} hangs**; "
             f"slowest case {slowest['seconds']:.2f} s ({slowest['scenario']} via {slowest['path']})."
         )
     lines.append("")
     versions = [report["airflow"] for report in reports]
     header = ["#", "Scenario", "Fault produced by", "Path", "Expected"]
-    header += [f"Measured on Airflow {version}" for version in versions] + ["="]
+    header += [f"Measured on Airflow {_line(version)}" for version in versions]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     by_version = [{(row["scenario"], row["path"]): row for row in report["rows"]} for report in reports]
@@ -84,8 +95,7 @@ def render(reports: list[dict[str, Any]]) -> str:
         previous = name
         cells += [PATH_NAMES.get(path, path), _cell(first["expected"])]
         # A case that met its expectation shows only ✓; its measured text stays in the results file.
-        cells += ["not run" if row is None else "✓" if row["ok"] else _cell(row["measured"]) for row in found]
-        cells.append("✓" if all(row is not None and row["ok"] for row in found) else "**✗**")
+        cells += [_measured(row) for row in found]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
