@@ -1,11 +1,11 @@
 """
 The docs site works when opened from disk (``file://``): navigation between pages and search.
 
-The site is built with the docs venv (``make docs`` builds it: ``$VENVS/docs``, default ``.venvs/docs``) into a
-temporary directory and opened in headless Debian chromium driven by Playwright, as the deployment tests' browser
-check does (``scripts/install_browser.sh`` installs both). Without the docs venv or the browser the test is
-skipped, except in CI (``CI`` set), where a missing browser is a set-up bug and fails; ``PPIO_SITE_DIR`` points
-it at a site built already.
+The site is built with the docs venv (``$VENVS/docs``, default ``.venvs/docs``; in CI it is built first if
+missing, since ``make docs`` runs after ``make test``) into a temporary directory, and opened in headless Debian
+chromium driven by Playwright, as the deployment tests' browser check does (``scripts/install_browser.sh``).
+Without the docs venv or the browser the test is skipped, except that in CI (``CI`` set) a missing browser fails.
+``PPIO_SITE_DIR`` points it at a site built already.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("PPIO_SITE_DIR"):
         return Path(os.environ["PPIO_SITE_DIR"])
     mkdocs = Path(os.environ.get("VENVS", ROOT / ".venvs")) / "docs" / "bin" / "mkdocs"
+    if not mkdocs.exists() and os.environ.get("CI"):
+        subprocess.run([str(ROOT / "scripts" / "bootstrap.sh"), "docs"], cwd=ROOT, check=True)
     if not mkdocs.exists():
         pytest.skip(f"no docs venv at {mkdocs.parent.parent} (make docs builds it)")
     out = tmp_path_factory.mktemp("site")
