@@ -52,8 +52,9 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
     * transient API trouble (network, 429, 5xx) is retried with backoff for up to
       ``unreachable_timeout``; after that the task fails with the last error (task retries apply);
     * ``soft_fail`` turns a failed prewarm and a timeout into a skip, and nothing else;
-      ``never_fail`` turns any error into a skip; ``silent_fail`` keeps waiting through errors that
-      are not failures of the prewarm itself.
+      ``never_fail`` turns any error into a skip; ``silent_fail`` keeps waiting only through errors
+      whose task retries would apply (an outage past ``unreachable_timeout``, an unusable answer):
+      errors that fail at once (401/403/404/400, TLS, DNS, the connection, a failed prewarm) still fail.
 
     With ``deferrable=True`` the sensor pokes once and, if the prewarm is not finished, hands the
     wait to the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`),

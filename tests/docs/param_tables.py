@@ -67,7 +67,8 @@ INHERITED = {
     "soft_fail": "A failed prewarm or a timeout skips the task instead of failing it.",
     "exponential_backoff": "Grow the time between pokes exponentially.",
     "max_wait": "With ``exponential_backoff``: the longest time between two pokes.",
-    "silent_fail": "Keep waiting through errors that are not a failed prewarm.",
+    "silent_fail": "Keep waiting through errors whose task retries would apply (an outage, an unusable answer); "
+    "errors that fail at once without retries still fail.",
     "never_fail": "Any error skips the task instead of failing it.",
 }
 #: Defaults taken from Airflow's configuration: say where, next to the value.

@@ -38,12 +38,13 @@ def render_cell(row: Row, mode: str) -> str:
         return "n/a"
     if mode in CREATE_MODES:
         return describe(cell(row, mode))
-    return "<br>".join(
-        describe(cell(row, mode, variant))
-        if variant == "default"
-        else f"*{variant}:* {describe(cell(row, mode, variant))}"
-        for variant in variants(mode)
-    )
+    default = describe(cell(row, mode, "default"))
+    shown = [default]
+    for variant in variants(mode):
+        if variant != "default":
+            found = describe(cell(row, mode, variant))
+            shown.append(f"*{variant}:* {'the same' if found == default else found}")
+    return "<br>".join(shown)
 
 
 def render() -> str:
