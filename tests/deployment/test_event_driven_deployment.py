@@ -7,7 +7,9 @@ Prewarm tasks are started through the emulator's API in two regions (the example
 its image). The triggerer's whole process group is killed with SIGKILL at several moments: right after a
 task finishes (before a walk saw it), right after the walk that fires its event, one second after its
 asset event is stored, and again with tasks finishing while it is down. Expected: one asset event and one
-deploy per task that succeeded in region-a (none for failures, none for region-b), none missed. Then 50
+deploy per task that succeeded in region-a (none for failures, none for region-b), none missed; the task
+whose triggerer was killed between its event being stored and the ack that saves it may be redelivered once
+(Airflow's ack mode documents that window: a sync round of the triggerer, about a second). Then 50
 prewarms finish within one poll: every one is deployed, each by a run queued within ``poke_interval`` +
 10 s. The figures are printed and written to ``event-driven.json`` in the output dir.
 """
@@ -137,15 +139,26 @@ class Scenario:
         restarted = time.time()
         self.deployment.wait_for(lambda: _walks(self.emulator, restarted) >= 2, TIMEOUT, "the watch to resume")
 
-    def check_once_each(self) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    def check_once_each(
+        self, redelivered: frozenset[str] = frozenset()
+    ) -> tuple[collections.Counter[str], collections.Counter[str]]:
+        """
+        One asset event and one deploy per expected task, none for the others.
+
+        :param redelivered: Tasks whose triggerer was killed after their event was fired and perhaps stored, before
+            the ack could save it: Airflow's ack mode redelivers those, so they may come twice (never zero times).
+        """
         deploys = collections.Counter(self.deployed_ids())
         events = _trigger_events(self.deployment, set(self.plan))
         event_count = collections.Counter(event["extra"]["payload"]["prewarm_task_id"] for event in events)
         expected = self.expected
         assert set(deploys) == expected, f"deployed {dict(deploys)}, expected {sorted(expected)}"
         assert set(event_count) == expected, f"asset events {dict(event_count)}"
-        duplicates = {task_id: n for task_id, n in {**deploys, **event_count}.items() if n > 1}
+        duplicates = {
+            task_id: n for task_id, n in {**deploys, **event_count}.items() if n > (2 if task_id in redelivered else 1)
+        }
         assert not duplicates, f"reported more than once: {duplicates}"
+        assert all(deploys[task_id] == event_count[task_id] for task_id in expected), (deploys, event_count)
         return deploys, event_count
 
 
@@ -181,13 +194,14 @@ def test_each_prewarm_is_deployed_once_across_kill_9_of_the_triggerer(
     kills.append("right after the task finished")
     s.wait_deployed({a1}, "the deploy of the task that finished just before the kill")
 
-    # 2. Killed right after the walk that fires the event (the event is fired, perhaps not stored yet).
+    # 2. Killed right after the walk that fires the event: fired, perhaps stored, not yet acked. Ack mode's
+    # documented limit: if it was stored, it is redelivered (a second event); it is never lost.
     s.finish(a2)
     finished = time.time()
     deployment.wait_for(lambda: _walks(deployment_emulator, finished) >= 1, TIMEOUT, "the walk that sees it")
     time.sleep(0.3)
     s.kill_triggerer(down=lambda: s.finish(down1))
-    kills.append("0.3 s after the walk that fired the event, a task finishing while down")
+    kills.append("0.3 s after the walk that fired the event (ack window), a task finishing while down")
     s.wait_deployed({a2, down1}, "the deploys of the task fired before the kill and of the one finished meanwhile")
 
     # 3. Killed one second after the asset event was stored.
@@ -200,7 +214,7 @@ def test_each_prewarm_is_deployed_once_across_kill_9_of_the_triggerer(
     s.wait_deployed(s.expected, "every deploy")
     time.sleep(3 * POKE_INTERVAL)  # room for a duplicate to show up, if there were one
 
-    deploys, events = s.check_once_each()
+    deploys, events = s.check_once_each(redelivered=frozenset({a2}))
     assert all(run["state"] == "success" for run in s.finished_runs())
     figures = {
         "tasks": len(s.plan),
@@ -208,6 +222,7 @@ def test_each_prewarm_is_deployed_once_across_kill_9_of_the_triggerer(
         "kills": kills,
         "deploys": sum(deploys.values()),
         "asset_events": sum(events.values()),
+        "redelivered_in_the_ack_window": events[a2] - 1,
         "test_seconds": round(time.monotonic() - started, 1),
     }
     _write(deployment, "event-driven-kill9", figures)
