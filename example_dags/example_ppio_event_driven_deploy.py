@@ -5,11 +5,13 @@ the prewarm was started (a CI pipeline, the PPIO console, another DAG).
 * The asset ``ppio://prewarm/<region>/<image>`` has an ``AssetWatcher`` whose ``PrewarmTaskEventTrigger``
   runs in the triggerer, walks the account's prewarm tasks for that image and region every
   ``poke_interval`` seconds, and fires one asset event per prewarm task that succeeds, carrying the task's
-  details. On Airflow 3.3 it keeps what it reported in the asset's ``asset_state_store``, so a triggerer
-  restart neither repeats an event nor loses one for a task that finished meanwhile.
+  details. On Airflow 3.3 it keeps what it reported in the asset's ``asset_state_store``, saved once Airflow
+  has stored the events (the shared stream's ack mode), so a triggerer restart or crash never loses an event,
+  including for a task that finished meanwhile; only a crash in the second or so between an event being
+  stored and that save repeats it.
 * ``example_ppio_event_driven_deploy`` is scheduled on the asset. Airflow may hand one run several events
-  (all those queued since its previous run), so the run maps ``deploy`` over them: one deploy per prewarm
-  task, whatever the grouping.
+  (all those queued since its previous run: 50 prewarms finishing together typically make two or three runs),
+  so the run maps ``deploy`` over them: one deploy per prewarm task, whatever the grouping.
 
 The asset is declared here only: Airflow syncs an asset's watchers from every DAG file that declares it, so
 another file scheduling on the same URI without the watcher would keep removing it (the other examples use
