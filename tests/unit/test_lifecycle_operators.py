@@ -97,20 +97,22 @@ class FakeAPI:
         if self.lose_create_answer == "timeout":
             self.lose_create_answer = ""
             raise requests.exceptions.ReadTimeout("the answer got lost")
-        if self.lose_create_answer == "502":
+        if self.lose_create_answer in ("502", "408", "409"):
+            context.status_code = int(self.lose_create_answer)
             self.lose_create_answer = ""
-            context.status_code = 502
-            return {"message": "bad gateway"}
+            return {"message": "lost"}
         return {"task_id": task_id}
 
     def _list(self, request: Any, context: Any) -> dict[str, Any]:
         self.lists += 1
         name = request.qs.get("name", [""])[0].lower()
         region = request.qs.get("region_id", [""])[0].lower()
+        status = request.qs.get("status", [""])[0].lower()
         data = [
             t
             for t in self.tasks.values()
             if (not region or t["region_id"].lower() == region)
+            and (not status or t["status"]["status"] == status)
             and (not name or any(name in str(t[f]).lower() for f in ("name", "image", "note")))
         ]
         return {"data": data, "next_cursor": "", "has_more": False}
@@ -504,7 +506,7 @@ def test_reuse_can_be_turned_off(api: FakeAPI, clock: Clock) -> None:
     assert api.lists == 0
 
 
-@pytest.mark.parametrize("how", ["timeout", "502"])
+@pytest.mark.parametrize("how", ["timeout", "502", "408", "409"])
 def test_a_lost_create_answer_is_recovered_without_a_second_create(api: FakeAPI, clock: Clock, how: str) -> None:
     api.lose_create_answer = how
 
@@ -974,7 +976,7 @@ def test_a_digest_pinned_image_already_prewarmed_is_reused_whatever_its_age(api:
     assert result["task_id"] == "pw-old"
     assert result["reused"] is True
     assert api.creates == 0
-    assert XCOM_PREWARM_TASK_ID not in ti.xcoms  # a teardown must not delete a prewarm this task did not start
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID  # a teardown deletes nothing of another run's
 
 
 def test_a_warm_image_found_during_a_quota_wait_is_reused_instead_of_created(
@@ -1043,3 +1045,177 @@ def test_a_templated_bad_image_is_refused_before_any_request(
     with pytest.raises(PPIOInvalidInputError, match="needs an image reference"):
         op.execute(make_context())
     assert requests_mock.call_count == 0
+
+
+# -- note length ---------------------------------------------------------------------------------------------
+
+
+def test_a_note_that_fits_with_the_marker_is_sent_whole(api: FakeAPI, clock: Clock) -> None:
+    room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+    create_op(note="n" * room).execute(make_context())
+
+    assert len(api.tasks["pw-1"]["note"]) == NOTE_MAX_LENGTH
+
+
+def test_a_note_too_long_with_the_marker_is_refused_when_the_dag_is_parsed() -> None:
+    room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+    with pytest.raises(PPIOInvalidInputError, match=rf"note is {room + 1} characters long; at most {room} fit"):
+        create_op(note="n" * (room + 1))
+
+
+def test_a_templated_note_too_long_is_refused_before_any_request(
+    api: FakeAPI, clock: Clock, requests_mock: rm.Mocker
+) -> None:
+    op = create_op(note="{{ params.note }}")
+    op.note = "n" * NOTE_MAX_LENGTH  # what the template rendered to
+    ti = FakeTI()
+
+    with pytest.raises(PPIOInvalidInputError, match="at most 100 characters"):
+        op.execute(make_context(ti))
+    assert requests_mock.request_history == []
+
+
+# -- on_kill ---------------------------------------------------------------------------------------------------
+
+
+def test_on_kill_deletes_the_running_prewarm_this_try_started(api: FakeAPI, clock: Clock) -> None:
+    api.script = ["running"]
+    op, ti = create_op(), FakeTI()
+    run_to_crash(op, make_context(ti), clock)
+
+    op.on_kill()
+
+    assert api.deleted == ["pw-1"]
+
+
+def test_on_kill_after_a_retry_deletes_the_prewarm_the_retry_took_over(api: FakeAPI, clock: Clock) -> None:
+    # The retry pushed the earlier try's prewarm as its own prewarm_task_id (same marker): it is this try's to stop.
+    api.script = ["running"]
+    ti = FakeTI()
+    run_to_crash(create_op(), make_context(ti), clock)
+    op = create_op()
+    run_to_crash(op, make_context(ti.retry()), clock)
+
+    op.on_kill()
+
+    assert api.creates == 1
+    assert api.deleted == ["pw-1"]
+
+
+def test_on_kill_leaves_a_finished_or_reused_prewarm_and_honours_the_opt_out(api: FakeAPI, clock: Clock) -> None:
+    image = "registry.example.com/team/llama@sha256:" + "e" * 64
+    api.add("pw-warm", "succeeded", image=image, completed_at=1_767_225_700)
+    reused = create_op(image=image, reuse_prewarmed=True)
+    reused.execute(make_context())
+    reused.on_kill()
+
+    done = create_op()
+    done.execute(make_context())
+    done.on_kill()  # killed after the prewarm succeeded: nothing left to stop
+
+    api.script = ["running"]
+    kept = create_op(delete_on_kill=False)
+    run_to_crash(kept, make_context(FakeTI(run_id="manual__2")), clock)
+    kept.on_kill()
+
+    never_started = create_op()
+    never_started.on_kill()
+
+    assert api.deleted == []
+    assert set(api.tasks) == {"pw-warm", "pw-1", "pw-2"}
+
+
+def test_the_create_trigger_carries_delete_on_kill_and_the_read_before_deferring_is_one_attempt(
+    api: FakeAPI, clock: Clock
+) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    api.fail_reads = [503] * 50  # an outage: waiting it out is the triggerer's job
+
+    with pytest.raises(TaskDeferred) as deferred:
+        create_op(deferrable=True).execute(make_context())
+
+    assert len(api.reads) == 5  # the hook's normal attempts, not unreachable_timeout of patience
+    assert deferred.value.trigger.serialize()[1]["delete_on_kill"] is True
+    with pytest.raises(TaskDeferred) as kept:
+        create_op(deferrable=True, delete_on_kill=False).execute(make_context(FakeTI(run_id="manual__2")))
+    assert kept.value.trigger.serialize()[1]["delete_on_kill"] is False
+
+
+# -- quota wait messages ---------------------------------------------------------------------------------------
+
+
+def logged_text(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> str:
+    """What was logged: stdlib logging (Airflow 2, which also echoes to the console), else the console (Airflow 3)."""
+    captured = capsys.readouterr()
+    return caplog.text if "quota is used up" in caplog.text else captured.out + captured.err
+
+
+def test_a_quota_wait_that_times_out_says_finished_tasks_may_count_and_how_to_delete_them(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock
+) -> None:
+    refuse_creates(api, requests_mock, refusals=10_000)
+
+    with pytest.raises(AirflowFailException) as info:
+        create_op(poke_interval=10, timeout=120).execute(make_context())
+
+    assert "finished (succeeded or failed) prewarm tasks toward the limit until they are deleted" in str(info.value)
+    assert "PPIODeletePrewarmTasksOperator" in str(info.value)
+
+
+def test_the_quota_wait_warns_once_per_state_and_says_when_waiting_cannot_help(
+    api: FakeAPI,
+    requests_mock: rm.Mocker,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    refuse_creates(api, requests_mock, refusals=10_000)
+    api.add("pw-busy", "running", region_id="another-region")  # any region of the account counts
+    api.add("pw-finished", "succeeded")
+
+    def finish_the_busy_one() -> None:
+        if len(clock.sleeps) == 3:
+            api.tasks["pw-busy"]["status"]["status"] = "succeeded"
+            api.scripts["pw-busy"] = ["succeeded"]
+
+    clock.on_sleep = finish_the_busy_one
+    with pytest.raises(AirflowFailException):
+        create_op(poke_interval=10, timeout=300).execute(make_context())
+
+    text = logged_text(caplog, capsys)
+    busy = text.count("for a free slot, next create in")
+    idle = text.count("none of its prewarm tasks is pending or running, so waiting may not help")
+    assert len(clock.sleeps) > 6
+    assert "WARNING" in text.upper()
+    # One WARNING per state (busy, then idle); the other attempts log at INFO.
+    warnings = [line for line in text.splitlines() if "quota is used up" in line and "warn" in line.lower()]
+    assert len(warnings) == 2, warnings
+    assert busy >= 3 and idle >= 1
+
+
+def test_the_quota_wait_repeats_its_warning_as_a_periodic_summary(
+    api: FakeAPI,
+    requests_mock: rm.Mocker,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    refuse_creates(api, requests_mock, refusals=10_000)
+    api.add("pw-busy", "running")
+
+    with pytest.raises(AirflowFailException):
+        create_op(poke_interval=60, timeout=prewarm_module.QUOTA_SUMMARY_INTERVAL * 2.5).execute(make_context())
+
+    warnings = [
+        line
+        for line in logged_text(caplog, capsys).splitlines()
+        if "quota is used up" in line and "warn" in line.lower()
+    ]
+    assert 2 <= len(warnings) <= 4, warnings  # the first, then one per QUOTA_SUMMARY_INTERVAL
