@@ -48,7 +48,6 @@ from airflow_provider_ppio.operators.prewarm import (
 )
 from tests.conftest import task_json
 
-
 TASKS = "https://api.ppio.test/gpus/v2/prewarm-tasks"
 ONE_TASK = re.compile(re.escape(TASKS) + r"/(?P<id>[^/?]+)$")
 IMAGE = "registry.example.com/team/llama:1.0"
