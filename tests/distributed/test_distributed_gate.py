@@ -85,7 +85,8 @@ class Gate:
         return self.deployment.wait_for(condition, timeout, what, interval=0.5)
 
     def marker(self, run_id: str, map_index: int) -> str:
-        ti = SimpleNamespace(dag_id=DAG_ID, task_id=CREATE, run_id=run_id, map_index=map_index)
+        # max_tries: the DAG's retries (2), as Airflow sets it for a task instance never cleared.
+        ti = SimpleNamespace(dag_id=DAG_ID, task_id=CREATE, run_id=run_id, map_index=map_index, max_tries=2)
         return idempotency_marker({"ti": ti})  # type: ignore[typeddict-item]
 
     def created(self) -> dict[str, list[dict[str, Any]]]:
