@@ -11,7 +11,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import (
     AirflowFailException,
@@ -382,20 +382,13 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         task: PrewarmTask | None = self._task if self._task is not None and self._task.task_id == task_id else None
         if task is not None:
             self._push_details(task, context)
-        elif not (self.deferrable and self.wait_for_completion):
-            task = self._read_and_push(task_id, context, patient=True)
         else:
-            # One attempt before deferring: waiting out an outage is the triggerer's job, not a worker slot's.
-            try:
-                task = self._read_and_push(task_id, context, patient=False)
-            except PPIOError as err:
-                if not err.transient:
-                    raise
-                self.log.warning(
-                    "Could not read prewarm task %s before deferring (%s); waiting in the triggerer", task_id, err
-                )
+            # Before deferring, one read with the hook's normal attempts: waiting out an outage is the triggerer's
+            # job, not a worker slot's. A wait in the worker is patient (up to unreachable_timeout).
+            task = self._read_for_wait(task_id, context, patient=not (self.deferrable and self.wait_for_completion))
         if not self.wait_for_completion:
-            assert task is not None  # read above, patiently
+            if task is None:
+                self._timed_out(task_id)
             return self._complete(task, context)
         deadline = self._deadline
         while True:
@@ -407,14 +400,24 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
                 self._timed_out(task_id)
             wait = self.poke_interval if deadline is None else min(self.poke_interval, deadline - time.time())
             time.sleep(max(0.0, wait))
-            try:
-                task = self._read_and_push(task_id, context, patient=True, deadline=deadline)
-            except PPIOError as err:
-                # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
-                if not (err.transient and deadline is not None and time.time() >= deadline):
-                    raise
-                self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
-                task = None
+            task = self._read_for_wait(task_id, context, patient=True)
+
+    def _read_for_wait(self, task_id: str, context: Context, *, patient: bool) -> PrewarmTask | None:
+        """The task, or None when a transient error leaves the wait to go on (deferred, or up to the deadline)."""
+        deadline = self._deadline
+        try:
+            return self._read_and_push(task_id, context, patient=patient, deadline=deadline)
+        except PPIOError as err:
+            if not err.transient:
+                raise
+            if not patient:
+                self.log.warning("Could not read prewarm task %s (%s); the triggerer waits it out", task_id, err)
+                return None
+            # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
+            if deadline is None or time.time() < deadline:
+                raise
+            self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
+            return None
 
     # -- killed ----------------------------------------------------------------------------------------
 
@@ -645,7 +648,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         log_waiting(self.log, task)
         return False
 
-    def _timed_out(self, task_id: str) -> None:
+    def _timed_out(self, task_id: str) -> NoReturn:
         status = self._task.status.status if self._task is not None else "unknown"
         raise AirflowFailException(
             f"PPIO prewarm task {task_id!r} did not finish within {self.timeout:g}s (last status: {status}); "
