@@ -161,3 +161,24 @@ def test_the_cleanup_succeeds_when_the_create_failed_before_creating(deployment:
     assert states == {"prewarm": "failed", "deploy": "upstream_failed", "cleanup": "success"}, states
     assert _xcom(deployment, DAG_ID, run_id, "cleanup", "return_value") == {"deleted": [], "not_found": []}
     emulator.control.reset()
+
+
+def test_marking_the_deferred_create_failed_deletes_its_prewarm(deployment: Deployment, emulator: Any) -> None:
+    emulator.control.configure(pending_seconds=0.2, running_seconds=600)
+    run_id, _ = _trigger(deployment, DAG_ID)
+
+    def deferred() -> dict[str, Any] | None:
+        ti = _ti(deployment, DAG_ID, run_id, "prewarm")
+        if ti.get("state") in TERMINAL:
+            raise AssertionError(f"the create ended {ti['state']} before it deferred")
+        return ti if ti.get("state") == "deferred" and ti.get("triggerer_job") else None
+
+    deployment.wait_for(deferred, RUN_TIMEOUT, "the create to be deferred to a triggerer")
+    prewarm_id = _xcom(deployment, DAG_ID, run_id, "prewarm", "prewarm_task_id")
+    assert [t["task_id"] for t in emulator.control.tasks()] == [prewarm_id]
+
+    # What a user does in the UI: mark the deferred task failed. The triggerer calls the trigger's on_kill.
+    deployment.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/prewarm", json={"new_state": "failed"})
+    deployment.wait_for(lambda: emulator.control.tasks() == [], 60, "the killed create's prewarm to be deleted")
+    _wait_for_run(deployment, DAG_ID, run_id)
+    emulator.control.reset()
