@@ -179,6 +179,11 @@ def test_marking_the_deferred_create_failed_deletes_its_prewarm(deployment: Depl
 
     # What a user does in the UI: mark the deferred task failed. The triggerer calls the trigger's on_kill.
     deployment.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/prewarm", json={"new_state": "failed"})
+    deletes = _deletes(emulator)
     deployment.wait_for(lambda: emulator.control.tasks() == [], 60, "the killed create's prewarm to be deleted")
-    _wait_for_run(deployment, DAG_ID, run_id)
+    states = _wait_for_run(deployment, DAG_ID, run_id)
+
+    assert states == {"prewarm": "failed", "deploy": "upstream_failed", "cleanup": "success"}, states
+    # Two deletes: the trigger's on_kill, then the cleanup's (which alone would also empty the emulator).
+    assert _deletes(emulator) == deletes + 2
     emulator.control.reset()
