@@ -178,8 +178,8 @@ def test_marking_the_deferred_create_failed_deletes_its_prewarm(deployment: Depl
     assert [t["task_id"] for t in emulator.control.tasks()] == [prewarm_id]
 
     # What a user does in the UI: mark the deferred task failed. The triggerer calls the trigger's on_kill.
-    deployment.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/prewarm", json={"new_state": "failed"})
     deletes = _deletes(emulator)
+    deployment.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/prewarm", json={"new_state": "failed"})
     deployment.wait_for(lambda: emulator.control.tasks() == [], 60, "the killed create's prewarm to be deleted")
     states = _wait_for_run(deployment, DAG_ID, run_id)
 
