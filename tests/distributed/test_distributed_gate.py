@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from deployment_harness import Deployment, files_containing
 
-from airflow_provider_ppio.operators.prewarm import idempotency_marker
+from airflow_provider_ppio.operators.prewarm import MARKER_PREFIX, idempotency_marker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.af3, pytest.mark.timeout(900)]
 
@@ -94,7 +94,7 @@ class Gate:
         found: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for task in self.control.tasks():
             for word in (task.get("note") or "").split():
-                if word.startswith("airflow-"):
+                if word.startswith(MARKER_PREFIX):
                     found[word].append(task)
         return found
 
