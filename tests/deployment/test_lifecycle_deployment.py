@@ -33,8 +33,9 @@ def _trigger(deployment: Deployment, dag_id: str) -> tuple[str, str]:
         return isinstance(found, dict) and found.get("dag_id") == dag_id
 
     deployment.wait_for(parsed, 180, f"the dag-processor to parse {dag_id}")
-    # A logical date of its own, so `airflow tasks clear -s/-e` picks exactly this run.
-    logical = (datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(days=next(_dates))).isoformat()
+    # A logical date of its own (after the DAG's start_date, before now), so `airflow tasks clear -s/-e` picks
+    # exactly this run.
+    logical = (datetime.datetime(2026, 2, 1, tzinfo=datetime.UTC) + datetime.timedelta(days=next(_dates))).isoformat()
     run = deployment.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": logical})
     return run["dag_run_id"], logical
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 DAG_ID = "example_ppio_lifecycle"
 IMAGE = "registry.example.com/acme/llm-server:1.4"
-LOGICAL_DATE = "2024-01-01T00:00:00+00:00"
+LOGICAL_DATE = "2026-02-01T00:00:00+00:00"
 TASKS = "/gpus/v2/prewarm-tasks"
 WAIT = 240.0
 
