@@ -9,8 +9,10 @@ triggerer and the REST API in tests/deployment/test_lifecycle_deployment.py.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,8 @@ def scheduler(tmp_path: Path, airflow_home_template: Path, e2e_emulator: Any) ->
         home,
         extra={
             **ppio_connection(e2e_emulator.base_url, e2e_emulator.api_key, timeout=5, max_attempts=3),
+            # The executor starts `airflow tasks run` from PATH: this interpreter's Airflow.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "AIRFLOW__CORE__EXECUTOR": "SequentialExecutor",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
