@@ -61,10 +61,11 @@ def _xcom(deployment: Deployment, dag_id: str, run_id: str, task_id: str, key: s
 
 
 def _clear(deployment: Deployment, dag_id: str, logical: str) -> None:
-    """``airflow tasks clear`` of the create and what follows it, for this run only."""
+    """``airflow tasks clear`` of the create and what follows it, for this run only (Airflow 3's ``-t`` matches
+    a substring of the task id, 2.11's a regex: ``prewarm`` works on both)."""
     deployment._run(
         f"clear-{dag_id}-{logical[:10]}",
-        ["tasks", "clear", dag_id, "-t", "^prewarm$", "--downstream", "-s", logical, "-e", logical, "-y"],
+        ["tasks", "clear", dag_id, "-t", "prewarm", "--downstream", "-s", logical, "-e", logical, "-y"],
         timeout=120,
     )
 
