@@ -23,9 +23,10 @@ from airflow import __version__ as AIRFLOW_VERSION
 from dagtest_runner import DB_NAME, airflow_command, airflow_env, decode_xcom, new_home, ppio_connection
 from packaging.version import Version
 
-pytestmark = pytest.mark.skipif(
-    Version(AIRFLOW_VERSION).major >= 3, reason="Airflow 3 runs this in tests/deployment (LocalExecutor)"
-)
+pytestmark = [
+    pytest.mark.skipif(Version(AIRFLOW_VERSION).major >= 3, reason="Airflow 3 runs this in tests/deployment"),
+    pytest.mark.timeout(600),  # a scheduler, and each task a new `airflow tasks run` process
+]
 
 DAG_ID = "example_ppio_lifecycle"
 IMAGE = "registry.example.com/acme/llm-server:1.4"
@@ -56,7 +57,8 @@ def _wait_for_run(home: Path) -> dict[str, str]:
         if rows and rows[0][0] in ("success", "failed"):
             return _states(home)
         time.sleep(1)
-    raise AssertionError(f"the run did not finish in {WAIT:.0f}s: {_states(home)}")
+    log = (home / "scheduler.log").read_text(errors="replace")[-3000:]
+    raise AssertionError(f"the run did not finish in {WAIT:.0f}s: {_states(home)}\nscheduler log:\n{log}")
 
 
 @pytest.fixture
