@@ -2,8 +2,8 @@
 The whole prewarm lifecycle: prewarm one image in several regions at once, deploy once all are ready, clean up.
 
 * ``prewarm`` - one mapped task per region (``.expand(region_id=REGIONS)``) starts the prewarm and waits for
-  it. Retries never start a second prewarm for the same region (durable task state on Airflow 3.3, a
-  marker in the prewarm's note before that). Each success emits the asset
+  it. Retries never start a second prewarm for the same region (a marker in the prewarm's note ties it to
+  the task instance; a clear starts a new one). Each success emits the asset
   ``ppio://prewarm/<region>/<image>`` through the asset alias, with the prewarm's details as the event extra.
 * ``deploy`` - runs when every region succeeded, with all the prewarm details.
 * ``cleanup`` - a teardown that deletes the prewarm tasks, also when ``deploy`` failed.

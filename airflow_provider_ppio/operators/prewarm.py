@@ -11,12 +11,11 @@ import re
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import (
     AirflowFailException,
     BaseOperator,
-    ResumableJobMixin,
     conf,
 )
 
@@ -33,7 +32,7 @@ from airflow_provider_ppio.exceptions import (
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH, PPIOHookMixin, check_seconds
-from airflow_provider_ppio.status import Outcome, log_waiting, outcome_of
+from airflow_provider_ppio.status import Outcome, log_waiting
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -70,14 +69,31 @@ class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         return task.to_xcom()
 
 
-#: Stored in ``task_state_store`` (Airflow 3.3) under this key; renaming it breaks in-flight retries.
-STATE_KEY_PREWARM_TASK_ID = "ppio_prewarm_task_id"
 #: XCom keys pushed by the create operator before it waits.
 XCOM_PREWARM_TASK_ID = "prewarm_task_id"
 XCOM_PREWARM_TASK = "prewarm_task"
-#: The marker that ties a prewarm task to one Airflow task instance starts with this.
-MARKER_PREFIX = "airflow-"
-_MISSING = "<not found>"
+#: What ``prewarm_task_id`` holds while this try has started no prewarm (reused one, or failed before creating):
+#: a falsy string the delete operator skips. Not None: Airflow 3 resolves an XCom holding None as not found.
+NO_PREWARM_TASK_ID = ""
+#: The marker that ties a prewarm task to one run of one task instance starts with this.
+MARKER_PREFIX = "af-"
+#: ``MARKER_PREFIX`` and this many hex digits, appended to the note after a space.
+_MARKER_DIGITS = 16
+MARKER_LENGTH = len(MARKER_PREFIX) + _MARKER_DIGITS
+#: The longest note PPIO's console accepts (INFERRED from the console's form, not documented by the API);
+#: the user's note, a space and the marker must fit in it.
+NOTE_MAX_LENGTH = 100
+#: While waiting for a quota slot, the same state is logged again as a WARNING at most this often (seconds).
+QUOTA_SUMMARY_INTERVAL = 600.0
+#: Said when waiting for a quota slot failed or may not help: PPIO's console counts created tasks.
+QUOTA_FINISHED_HINT = (
+    "PPIO may count finished (succeeded or failed) prewarm tasks toward the limit until they are deleted: "
+    "delete the ones you no longer need, e.g. with PPIODeletePrewarmTasksOperator(prewarm_task_ids=[...]) "
+    "or in the PPIO console."
+)
+_QUOTA_BUSY = "busy"
+_QUOTA_IDLE = "idle"
+_QUOTA_UNKNOWN = "unknown"
 #: Waits for a free quota slot grow from ``poke_interval`` (at least ``MIN_QUOTA_WAIT`` seconds, so a tiny
 #: interval cannot hammer the API) to ``QUOTA_BACKOFF_CAP_FACTOR`` times that, with this much jitter.
 MIN_QUOTA_WAIT = 1.0
@@ -90,39 +106,37 @@ _IMAGE_REFERENCE = re.compile(
 )
 
 
-class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperator):
+class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     """
-    Start prewarming an image in a region, optionally wait until it is done; one prewarm per task instance.
+    Start prewarming an image in a region, optionally wait until it is done; one prewarm per task instance run.
 
-    The new prewarm task's id (XCom key ``prewarm_task_id``) and details (``prewarm_task``) are pushed
-    before any wait, so a teardown can clean up even when the wait fails. The return value is the
-    prewarm task as JSON: final when ``wait_for_completion`` (then outlets get asset events carrying
-    the details, see :func:`~airflow_provider_ppio.assets.attach_prewarm_asset_events`), as created
-    otherwise.
+    At the start of every try the XCom ``prewarm_task_id`` is set to ``""`` (nothing started); once this
+    task instance's prewarm exists its id replaces it, and its details go to ``prewarm_task``, before any
+    wait. So a teardown ``PPIODeletePrewarmTasksOperator(prewarm_task_ids=create.output["prewarm_task_id"])``
+    deletes this task instance's prewarm, and nothing when the try reused one or failed before creating.
+    The return value is the prewarm task as JSON: final when ``wait_for_completion`` (then outlets get
+    asset events carrying the details, see :func:`~airflow_provider_ppio.assets.attach_prewarm_asset_events`),
+    as created otherwise.
 
-    Task retries never start a second prewarm for the same task instance (dag, task, run, map index):
+    Retries never start a second prewarm; a clear starts a new one. The note of each prewarm task carries a
+    marker (``af-<16 hex>``) derived from the task instance and its clear generation (dag, task, run, map
+    index and ``max_tries``, which Airflow raises on a clear and keeps across retries). Before creating, and
+    again when a create's answer is lost (timeout, reset connection, 5xx, 408, 409, an unreadable answer),
+    the operator looks for a pending, running or succeeded task with that marker, image and region and
+    continues with it. The marker is the only idempotency record, so it works the same on every Airflow line.
 
-    * On Airflow 3.3 the prewarm task id is kept in the task's durable state (``task_state_store``,
-      ``ResumableJobMixin``). A retry reconnects to a pending or running task, returns a succeeded
-      one at once, and starts a new prewarm only when the stored one failed or was deleted.
-    * On every version the note of the prewarm task carries a marker derived from the task instance
-      (``airflow-<hash>``). Before creating, the operator looks for a pending, running or succeeded
-      task with that marker, image and region and reuses it. This covers Airflow 2.11, a crash
-      between the create call and the durable write, and a create whose answer was lost (timeout,
-      reset connection, 5xx, an unreadable answer), which the hook does not resend.
-
-    The account runs a limited number of prewarms at once (5 by default). When the API refuses a
-    create for that reason, the operator waits for a free slot and creates then (``wait_for_quota``,
-    on by default): waits start at ``poke_interval`` and double, with jitter, up to
-    ``QUOTA_BACKOFF_CAP_FACTOR`` times it, in the worker or, with ``deferrable=True``, deferred to the
-    triggerer between attempts. Every attempt looks for this task instance's prewarm first, so a
-    create whose answer was lost is never sent twice.
+    The account runs a limited number of prewarms (5 by default). When the API refuses a create for that
+    reason, the operator waits for a free slot and creates then (``wait_for_quota``, on by default): waits
+    start at ``poke_interval`` and double, with jitter, up to ``QUOTA_BACKOFF_CAP_FACTOR`` times it, in the
+    worker or, with ``deferrable=True``, deferred to the triggerer between attempts. PPIO may count finished
+    prewarm tasks toward the limit until they are deleted; when nothing of the account is pending or
+    running, the wait says so, and so does the error at the timeout.
 
     With ``reuse_prewarmed=True`` no prewarm is started when the same image is already prewarmed in
     the region (a succeeded task for exactly this image reference): a digest-pinned reference
     (``...@sha256:...``) always matches, a tag only when that task completed within ``max_age``
     (a tag can move). The operator then returns that task's details with ``"reused": true`` and
-    pushes no ``prewarm_task_id``, so a teardown does not delete a prewarm this task did not start.
+    leaves ``prewarm_task_id`` empty, so a teardown does not delete a prewarm this task did not start.
 
     Waiting uses the same decision as :class:`~airflow_provider_ppio.sensors.prewarm.PrewarmTaskSensor`:
     ``succeeded`` ends it, ``failed`` raises ``PPIOPrewarmFailedError`` with the API's error, anything
@@ -130,13 +144,16 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
     deferrable mode the wait runs in the triggerer
     (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`). When ``timeout`` passes the
     task fails without retry and the prewarm is left running (delete it with
-    :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown).
+    :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown). When the task is killed or marked
+    failed (and, on Airflow 3.3, while deferred) the pending or running prewarm of ``prewarm_task_id`` is
+    deleted unless ``delete_on_kill=False``.
 
     :param image: Full image reference to prewarm (templated).
     :param region_id: Target region id (templated).
     :param product_ids: GPU products to cover; none means all products of the region (templated).
     :param registry_auth_id: Saved registry credential id, for private images (templated).
-    :param note: Free-text note (templated); the idempotency marker is appended to it.
+    :param note: Free-text note (templated); the idempotency marker is appended to it, and both together
+        must fit in ``NOTE_MAX_LENGTH`` (100) characters, so the note has at most 80.
     :param ppio_conn_id: The PPIO connection id (templated).
     :param wait_for_completion: Wait until the prewarm succeeds (default) or return once it is created.
     :param poke_interval: Seconds between two reads of the prewarm task while waiting (the sensor's name).
@@ -150,6 +167,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         with ``PPIOQuotaExceededError``.
     :param reuse_prewarmed: Return a succeeded prewarm of the same image in the region instead of starting one.
     :param max_age: With ``reuse_prewarmed``: how recent a prewarm of a tagged (not digest-pinned) image must be.
+    :param delete_on_kill: Delete this try's pending or running prewarm when the task is killed or marked failed.
     :param poll_interval: Deprecated name of ``poke_interval``.
     """
 
@@ -162,7 +180,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         "ppio_conn_id",
     )
     ui_color = "#e8f0fe"
-    external_id_key = STATE_KEY_PREWARM_TASK_ID
 
     def __init__(
         self,
@@ -182,6 +199,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         wait_for_quota: bool = True,
         reuse_prewarmed: bool = False,
         max_age: float | datetime.timedelta | None = None,
+        delete_on_kill: bool = True,
         poll_interval: float | None = None,
         **kwargs: Any,
     ) -> None:
@@ -207,6 +225,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self.unreachable_timeout = check_seconds("unreachable_timeout", unreachable_timeout, allow_none=True)
         self.wait_for_quota = wait_for_quota
         self.reuse_prewarmed = reuse_prewarmed
+        self.delete_on_kill = delete_on_kill
         self.max_age = check_seconds("max_age", max_age, allow_none=True)
         if self.max_age is not None and not reuse_prewarmed:
             raise PPIOInvalidInputError(
@@ -214,31 +233,63 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
             )
         if reuse_prewarmed and "{{" not in str(image):
             image_reference(image)  # refuse a bad reference now; a templated one is checked when rendered
+        if not (isinstance(note, str) and "{{" in note):
+            self._check_note()  # a templated note is checked when rendered
         if self.outlets and not wait_for_completion:
             raise ValueError(
                 f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
                 "(an asset event means the image is prewarmed, and without waiting the task ends before that)"
             )
         self._reset()
+        self._owned: str | None = None
 
-    def _reset(self, deadline: float | None = None, quota_attempt: int = 0, quota_since: float | None = None) -> None:
+    def _reset(
+        self,
+        deadline: float | None = None,
+        quota_attempt: int = 0,
+        quota_since: float | None = None,
+        quota_state: str | None = None,
+        quota_logged_at: float | None = None,
+    ) -> None:
         self._task: PrewarmTask | None = None
         self._result: dict[str, Any] | None = None
-        self._pushed_id = False
         self._pushed_details = False
         self._reused = False
         self._deadline = deadline
         self._quota_attempt = quota_attempt
         self._quota_since = quota_since
+        self._quota_state = quota_state
+        self._quota_logged_at = quota_logged_at
+
+    def _check_note(self) -> None:
+        """Refuse a note that, with the marker, is longer than the console accepts; before any request."""
+        if self.note is None:
+            return
+        if not isinstance(self.note, str):
+            raise PPIOInvalidInputError(f"note must be a string, got {type(self.note).__name__}")
+        room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+        if len(self.note) > room:
+            raise PPIOInvalidInputError(
+                f"{type(self).__name__} {self.task_id!r}: note is {len(self.note)} characters long; at most "
+                f"{room} fit, because the operator appends a space and its {MARKER_LENGTH}-character idempotency "
+                f"marker and PPIO accepts notes of at most {NOTE_MAX_LENGTH} characters"
+            )
 
     def execute(self, context: Context) -> Any:
         """
-        Create (or reconnect to) the prewarm task, push its id, wait if asked, return its details.
+        Create (or find this task instance's) prewarm task, push its id, wait if asked, return its details.
 
         :param context: The task context.
         """
         self._reset(deadline=None if self.timeout is None else time.time() + self.timeout)
-        return self.execute_resumable(context)
+        self._owned = None
+        self._check_note()
+        if self.reuse_prewarmed:
+            image_reference(self.image)
+        # Airflow clears a try's XComs when the try starts (not when it resumes from a deferral): this value
+        # stands until this try has a prewarm of its own, so a teardown never reads an earlier try's id.
+        context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=NO_PREWARM_TASK_ID)
+        return self._run(context)
 
     def resume_after_quota_wait(
         self,
@@ -247,6 +298,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         deadline: float | None = None,
         quota_attempt: int = 0,
         quota_since: float | None = None,
+        quota_state: str | None = None,
+        quota_logged_at: float | None = None,
     ) -> Any:
         """
         Try again after a deferred wait for a free quota slot (the wait's deadline and backoff carry on).
@@ -256,22 +309,36 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         :param deadline: The try's deadline (Unix time), or None.
         :param quota_attempt: How many creates were refused for the quota so far.
         :param quota_since: When the first refusal came (Unix time).
+        :param quota_state: What the last WARNING said about the account's prewarms.
+        :param quota_logged_at: When that WARNING was logged (Unix time).
         """
-        self._reset(deadline=deadline, quota_attempt=quota_attempt, quota_since=quota_since)
-        return self.execute_resumable(context)
+        self._reset(
+            deadline=deadline,
+            quota_attempt=quota_attempt,
+            quota_since=quota_since,
+            quota_state=quota_state,
+            quota_logged_at=quota_logged_at,
+        )
+        return self._run(context)
 
-    # -- ResumableJobMixin ---------------------------------------------------------------------------
+    def _run(self, context: Context) -> Any:
+        task_id = self._submit(idempotency_marker(context))
+        if not self._reused:
+            context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=task_id)
+            self._owned = task_id
+        return self._follow(task_id, context)
 
-    def submit_job(self, context: Context) -> str:
+    def _submit(self, marker: str) -> str:
         """
-        Reuse a prewarm (this task instance's, or with ``reuse_prewarmed`` a warm one); else create one,
+        This task instance's prewarm (by marker), else with ``reuse_prewarmed`` a warm one, else a new one;
         waiting for a free quota slot if needed.
-
-        :param context: The task context.
         """
-        marker = idempotency_marker(context)
         while True:
-            # Looked for before every attempt: another run may have prewarmed the image while this one waited.
+            # Looked for before every attempt: a lost create may have landed, or another run prewarmed the image.
+            if self.reuse_existing:
+                found = self._find_reusable(marker)
+                if found is not None:
+                    return found
             warm = self._find_prewarmed() if self.reuse_prewarmed else None
             if warm is not None:
                 return warm
@@ -283,11 +350,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 self._wait_for_quota(err)
 
     def _create(self, marker: str) -> str:
-        """This task instance's pending, running or succeeded prewarm (by marker) if any, else a new one."""
-        if self.reuse_existing:
-            found = self._find_reusable(marker)
-            if found is not None:
-                return found
+        """Send one create; when its answer is lost, look for the task it may have created before failing."""
         note = f"{self.note} {marker}" if self.note else marker
         try:
             task_id = self.hook.create_prewarm_task(
@@ -297,9 +360,11 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 registry_auth_id=self.registry_auth_id,
                 note=note,
             )
-        except (PPIOTransportError, PPIOServerError, PPIOBadResponseError) as err:
-            # The create may have reached the API; the hook does not resend it. Look before failing.
-            if not self.reuse_existing or (isinstance(err, PPIOTransportError) and not err.request_sent):
+        except PPIOQuotaExceededError:
+            raise
+        except PPIOError as err:
+            # The create may have reached the API (the hook does not resend it), or a 409 may say it exists.
+            if not (self.reuse_existing and _may_have_created(err)):
                 raise
             self.log.warning("Create answer lost (%s); looking for the task it may have created", err)
             try:
@@ -312,88 +377,72 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self.log.info("Created prewarm task %s: %s in region %s", task_id, self.image, self.region_id)
         return task_id
 
-    def get_job_status(self, external_id: Any, context: Context) -> str:
-        """
-        The raw status of the stored prewarm task (Airflow 3.3, on retry).
-
-        :param external_id: The stored prewarm task id.
-        :param context: The task context.
-        """
-        try:
-            task = self.hook.get_prewarm_task(str(external_id))
-        except PPIONotFoundError:
-            self.log.warning("Stored prewarm task %s no longer exists; a new one will be created", external_id)
-            return _MISSING
-        self._task = task
-        return task.status.status
-
-    def is_job_active(self, status: str) -> bool:
-        """
-        Whether a retry should reconnect to the stored task: anything not succeeded or failed.
-
-        :param status: The raw ``status.status``.
-        """
-        return status != _MISSING and outcome_of(status) is Outcome.WAITING
-
-    def is_job_succeeded(self, status: str) -> bool:
-        """
-        Whether the stored task already succeeded.
-
-        :param status: The raw ``status.status``.
-        """
-        return status != _MISSING and outcome_of(status) is Outcome.SUCCEEDED
-
-    def poll_until_complete(self, external_id: Any, context: Context) -> Any:
-        """
-        Push the id and details to XCom, then wait (unless ``wait_for_completion`` is off).
-
-        Returns the operator's result, because the mixin's reconnect path returns this method's
-        value without calling :meth:`get_job_result`.
-
-        :param external_id: The prewarm task id.
-        :param context: The task context.
-        """
-        task_id = str(external_id)
-        self._push_id(task_id, context)
+    def _follow(self, task_id: str, context: Context) -> dict[str, Any]:
+        """Push the details, then wait (unless ``wait_for_completion`` is off); return the result."""
+        task: PrewarmTask | None = self._task if self._task is not None and self._task.task_id == task_id else None
+        if task is not None:
+            self._push_details(task, context)
+        else:
+            # Before deferring, one read with the hook's normal attempts: waiting out an outage is the triggerer's
+            # job, not a worker slot's. A wait in the worker is patient (up to unreachable_timeout).
+            task = self._read_for_wait(task_id, context, patient=not (self.deferrable and self.wait_for_completion))
         if not self.wait_for_completion:
-            self._read_and_push(task_id, context)
-            return self.get_job_result(task_id, context)
+            if task is None:
+                self._timed_out(task_id)
+            return self._complete(task, context)
         deadline = self._deadline
         while True:
-            try:
-                task = self._read_and_push(task_id, context, deadline=deadline)
-            except PPIOError as err:
-                # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
-                if not (err.transient and deadline is not None and time.time() >= deadline):
-                    raise
-                self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
-            else:
-                if self._finished(task):
-                    return self.get_job_result(task_id, context)
+            if task is not None and self._finished(task):
+                return self._complete(task, context)
             if self.deferrable:
                 self._defer(task_id, deadline)
             if deadline is not None and time.time() >= deadline:
                 self._timed_out(task_id)
             wait = self.poke_interval if deadline is None else min(self.poke_interval, deadline - time.time())
             time.sleep(max(0.0, wait))
+            task = self._read_for_wait(task_id, context, patient=True)
 
-    def get_job_result(self, external_id: Any, context: Context) -> dict[str, Any]:
-        """
-        The prewarm task as JSON; on success also its asset events. Computed once per try.
+    def _read_for_wait(self, task_id: str, context: Context, *, patient: bool) -> PrewarmTask | None:
+        """The task, or None when a transient error leaves the wait to go on (deferred, or up to the deadline)."""
+        deadline = self._deadline
+        try:
+            return self._read_and_push(task_id, context, patient=patient, deadline=deadline)
+        except PPIOError as err:
+            if not err.transient:
+                raise
+            if not patient:
+                self.log.warning("Could not read prewarm task %s (%s); the triggerer waits it out", task_id, err)
+                return None
+            # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
+            if deadline is None or time.time() < deadline:
+                raise
+            self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
+            return None
 
-        :param external_id: The prewarm task id.
-        :param context: The task context.
-        """
-        if self._result is not None:
-            return self._result
-        task_id = str(external_id)
-        self._push_id(task_id, context)
-        task = self._task if self._task is not None and self._task.task_id == task_id else None
-        if task is None:
-            task = self._read_and_push(task_id, context)
+    # -- killed ----------------------------------------------------------------------------------------
+
+    def on_kill(self) -> None:
+        """Delete the pending or running prewarm this try pushed as ``prewarm_task_id`` (``delete_on_kill``)."""
+        task_id = self._owned
+        if task_id is None:
+            return
+        if not self.delete_on_kill:
+            self.log.info("Killed: prewarm task %s is left as it is (delete_on_kill=False)", task_id)
+            return
+        try:
+            task = self.hook.get_prewarm_task(task_id)
+        except PPIOError as err:
+            self.log.warning("Killed: could not read prewarm task %s (%s); deleting it anyway", task_id, err)
         else:
-            self._push_details(task, context)
-        return self._complete(task, context)
+            if task.outcome is not Outcome.WAITING:
+                self.log.info("Killed: prewarm task %s is %s already; not deleted", task_id, task.status.status)
+                return
+        try:
+            self.hook.delete_prewarm_tasks([task_id])
+        except PPIOError as err:
+            self.log.warning("Killed: could not delete prewarm task %s: %s", task_id, err)
+            return
+        self.log.warning("Killed: deleted prewarm task %s, which this try started (delete_on_kill=True)", task_id)
 
     # -- deferrable ----------------------------------------------------------------------------------
 
@@ -411,6 +460,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
             poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
             unreachable_timeout=self.unreachable_timeout,
+            delete_on_kill=self.delete_on_kill,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
         backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
@@ -437,10 +487,11 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         expected = prewarm_task_id or ti.xcom_pull(
             task_ids=ti.task_id, key=XCOM_PREWARM_TASK_ID, map_indexes=getattr(ti, "map_index", None)
         )
+        self._owned = str(expected or "") or None
         task = prewarm_task_from_event(event, expected_task_id=str(expected or ""))
         self._task = task
-        self._pushed_id = self._pushed_details = True  # before deferring; the return value is the final state
-        return self.get_job_result(task.task_id, context)
+        self._pushed_details = True  # before deferring; the return value is the final state
+        return self._complete(task, context)
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -458,17 +509,44 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         if wait <= 0:
             raise AirflowFailException(
                 f"No free prewarm slot for {self.image!r} in region {self.region_id!r} within the timeout "
-                f"({waited:.0f}s waited, {self._quota_attempt} creates refused): {err}"
+                f"({waited:.0f}s waited, {self._quota_attempt} creates refused): {err}. {QUOTA_FINISHED_HINT}"
             )
-        self.log.warning(
-            "The account's prewarm quota is used up (%s); waited %.0fs so far for a free slot, next create in %.0fs",
-            err.api_message or err,
-            waited,
-            wait,
-        )
+        self._log_quota_wait(err, waited, wait, now)
         if self.deferrable:
             self._defer_quota_wait(wait)
         time.sleep(wait)
+
+    def _log_quota_wait(self, err: PPIOQuotaExceededError, waited: float, wait: float, now: float) -> None:
+        """One WARNING when what the wait knows changes, and a summary every ``QUOTA_SUMMARY_INTERVAL``."""
+        state = self._account_activity()
+        reason = err.api_message or err
+        if state == _QUOTA_IDLE:
+            message = (
+                "The account's prewarm quota is used up (%s) and none of its prewarm tasks is pending or running, "
+                "so waiting may not help: " + QUOTA_FINISHED_HINT + " Waited %.0fs so far; next create in %.0fs"
+            )
+        else:
+            message = (
+                "The account's prewarm quota is used up (%s); waited %.0fs so far for a free slot, next create in %.0fs"
+            )
+        repeat = self._quota_logged_at is not None and now - self._quota_logged_at < QUOTA_SUMMARY_INTERVAL
+        if state == self._quota_state and repeat:
+            self.log.info(message, reason, waited, wait)
+            return
+        self.log.warning(message, reason, waited, wait)
+        self._quota_state = state
+        self._quota_logged_at = now
+
+    def _account_activity(self) -> str:
+        """Whether any prewarm task of the account (any region) is pending or running; unknown if unreadable."""
+        try:
+            for status in ("pending", "running"):
+                if next(iter(self.hook.list_prewarm_tasks(status=status, page_size=1)), None) is not None:
+                    return _QUOTA_BUSY
+        except PPIOError as err:
+            self.log.info("Could not list the account's pending and running prewarm tasks: %s", err)
+            return _QUOTA_UNKNOWN
+        return _QUOTA_IDLE
 
     def _defer_quota_wait(self, wait: float) -> None:
         # Airflow's timer trigger, from where each Airflow line keeps it; only needed to defer.
@@ -485,6 +563,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
                 "deadline": self._deadline,
                 "quota_attempt": self._quota_attempt,
                 "quota_since": self._quota_since,
+                "quota_state": self._quota_state,
+                "quota_logged_at": self._quota_logged_at,
             },
         )
 
@@ -544,17 +624,14 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         self._task = task
         return task.task_id
 
-    def _read_and_push(self, task_id: str, context: Context, *, deadline: float | None = None) -> PrewarmTask:
-        task = self.hook.get_prewarm_task(task_id, patient=True, deadline=deadline)
+    def _read_and_push(
+        self, task_id: str, context: Context, *, patient: bool, deadline: float | None = None
+    ) -> PrewarmTask:
+        # patient: retry transient errors up to unreachable_timeout; only where the wait runs in the worker.
+        task = self.hook.get_prewarm_task(task_id, patient=patient, deadline=deadline)
         self._task = task
         self._push_details(task, context)
         return task
-
-    def _push_id(self, task_id: str, context: Context) -> None:
-        # A reused prewarm is not this task's: the id a teardown deletes is only pushed for one it started.
-        if not self._pushed_id and not self._reused:
-            context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=task_id)
-            self._pushed_id = True
 
     def _push_details(self, task: PrewarmTask, context: Context) -> None:
         if not self._pushed_details:
@@ -571,7 +648,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         log_waiting(self.log, task)
         return False
 
-    def _timed_out(self, task_id: str) -> None:
+    def _timed_out(self, task_id: str) -> NoReturn:
         status = self._task.status.status if self._task is not None else "unknown"
         raise AirflowFailException(
             f"PPIO prewarm task {task_id!r} did not finish within {self.timeout:g}s (last status: {status}); "
@@ -597,6 +674,16 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, ResumableJobMixin, BaseOperat
         return details
 
 
+def _may_have_created(err: PPIOError) -> bool:
+    """Whether a create that raised ``err`` may still have created the task (so look it up before failing)."""
+    if isinstance(err, PPIOTransportError):
+        return err.request_sent
+    if isinstance(err, PPIOServerError | PPIOBadResponseError):
+        return True
+    # 408: the server gave up while reading or acting on it; 409: the API says it conflicts with what exists.
+    return err.http_status in (408, 409)
+
+
 def image_reference(image: str) -> dict[str, str | None]:
     """
     Split an image reference into its short name, tag and digest; refuse one that cannot be parsed.
@@ -617,14 +704,18 @@ def image_reference(image: str) -> dict[str, str | None]:
 
 def idempotency_marker(context: Context) -> str:
     """
-    The token that ties a prewarm task to one task instance: the same for every try, distinct per map index.
+    The token that ties a prewarm task to one run of a task instance: the same for every retry, new on a clear.
 
-    :param context: The task context (its ``ti``: dag id, task id, run id, map index).
+    ``max_tries`` tells a clear from a retry on every Airflow line: it stays as it is across retries (and
+    deferrals), and a clear sets it to ``try_number + retries`` (``clear_task_instances``), which only grows.
+
+    :param context: The task context (its ``ti``: dag id, task id, run id, map index, ``max_tries``).
     """
     ti = context["ti"]
     map_index = getattr(ti, "map_index", -1)
-    identity = f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{-1 if map_index is None else map_index}"
-    return MARKER_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:24]
+    generation = getattr(ti, "max_tries", None)
+    identity = f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{-1 if map_index is None else map_index}/{generation}"
+    return MARKER_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:_MARKER_DIGITS]
 
 
 def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask:

@@ -63,6 +63,8 @@ class PrewarmTaskTrigger(BaseTrigger):
     :param poke_interval: Seconds between two polls.
     :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
     :param unreachable_timeout: Overrides the connection's bound on outages, in seconds.
+    :param delete_on_kill: Delete the prewarm task, if still pending or running, when a user kills the deferred
+        task (Airflow 3.3 calls :meth:`on_kill`). Only the create operator sets it: the task is its own.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         poke_interval: float = 60.0,
         deadline: float | None = None,
         unreachable_timeout: float | None = None,
+        delete_on_kill: bool = False,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         prewarm_task_path(prewarm_task_id)  # refuse a bad id here, not in the triggerer
@@ -87,6 +90,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         self.poke_interval = float(poke_interval)
         self.deadline = None if deadline is None else float(deadline)
         self.unreachable_timeout = None if unreachable_timeout is None else float(unreachable_timeout)
+        self.delete_on_kill = bool(delete_on_kill)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
@@ -98,6 +102,7 @@ class PrewarmTaskTrigger(BaseTrigger):
                 "poke_interval": self.poke_interval,
                 "deadline": self.deadline,
                 "unreachable_timeout": self.unreachable_timeout,
+                "delete_on_kill": self.delete_on_kill,
             },
         )
 
@@ -143,6 +148,31 @@ class PrewarmTaskTrigger(BaseTrigger):
                     last_status = task.status.status
                 if self._past_deadline():
                     return self._timeout_event(last_status)
+
+    async def on_kill(self) -> None:
+        """A user killed the deferred task (Airflow 3.3): delete its pending or running prewarm (``delete_on_kill``)."""
+        if not self.delete_on_kill:
+            return
+        # The hook stack is only needed in the triggerer, not when a DAG is parsed.
+        from airflow_provider_ppio.hooks._shared import PREWARM_TASKS_PATH
+        from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
+        task_id = self.prewarm_task_id
+        try:
+            task = await hook.aget_prewarm_task(task_id)
+        except PPIOError as err:
+            self.log.warning("Killed: could not read prewarm task %s (%s); deleting it anyway", task_id, err)
+        else:
+            if task.outcome is not Outcome.WAITING:
+                self.log.info("Killed: prewarm task %s is %s already; not deleted", task_id, task.status.status)
+                return
+        try:
+            await hook.arequest("DELETE", PREWARM_TASKS_PATH, json={"task_ids": [task_id]}, allow_empty=True)
+        except PPIOError as err:
+            self.log.warning("Killed: could not delete prewarm task %s: %s", task_id, err)
+            return
+        self.log.warning("Killed: deleted prewarm task %s, which the killed task started (delete_on_kill)", task_id)
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from deployment_harness import Deployment, files_containing
 
-from airflow_provider_ppio.operators.prewarm import idempotency_marker
+from airflow_provider_ppio.operators.prewarm import MARKER_PREFIX, idempotency_marker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.af3, pytest.mark.timeout(900)]
 
@@ -85,7 +85,8 @@ class Gate:
         return self.deployment.wait_for(condition, timeout, what, interval=0.5)
 
     def marker(self, run_id: str, map_index: int) -> str:
-        ti = SimpleNamespace(dag_id=DAG_ID, task_id=CREATE, run_id=run_id, map_index=map_index)
+        # max_tries: the DAG's retries (2), as Airflow sets it for a task instance never cleared.
+        ti = SimpleNamespace(dag_id=DAG_ID, task_id=CREATE, run_id=run_id, map_index=map_index, max_tries=2)
         return idempotency_marker({"ti": ti})  # type: ignore[typeddict-item]
 
     def created(self) -> dict[str, list[dict[str, Any]]]:
@@ -93,7 +94,7 @@ class Gate:
         found: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for task in self.control.tasks():
             for word in (task.get("note") or "").split():
-                if word.startswith("airflow-"):
+                if word.startswith(MARKER_PREFIX):
                     found[word].append(task)
         return found
 

@@ -3,7 +3,7 @@ The multi-region lifecycle example, run for real with ``airflow dags test`` agai
 
 What a user would see: one prewarm per region, a deploy with every region's details, asset events carrying
 the prewarm details, a teardown that deletes the prewarm tasks; and a task that fails mid-wait and is
-retried by Airflow does not start a second prewarm (on Airflow 3.3 through the real task state store).
+retried by Airflow does not start a second prewarm (it finds its prewarm by the marker in the note).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ IMAGE = "registry.example.com/acme/llm-server:1.4"
 REGIONS = [f"region-{letter}" for letter in "abcdefgh"]
 TASKS = "/gpus/v2/prewarm-tasks"
 AF3 = Version(AIRFLOW_VERSION).major >= 3
-AF33 = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3")
 
 
 def query(result: DagRunResult, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -196,10 +195,35 @@ def test_a_task_retried_after_failing_mid_wait_starts_no_second_prewarm(
     for region in regions:
         assert len([t for t in emulator.control.tasks() if t["region_id"] == region]) == 1, region
     assert len(requests_of(emulator, "POST")) == len(regions)
-    if AF33:
-        # The retry reconnected through the durable task state, without looking the task up again.
-        durable = ("Reconnecting to existing job", "Job already completed successfully")
-        assert any(line in result.logs for line in durable), result.describe()
-        assert len(requests_of(emulator, "GET")) == len(regions)  # only the lookups before creating
-    else:
-        assert "Reusing prewarm task" in result.logs, result.describe()
+    assert "started by an earlier try of this task" in result.logs, result.describe()
+
+
+PINNED = "registry.example.com/acme/llm-server@sha256:" + "4" * 64
+
+
+def test_the_cleanup_of_a_reusing_create_resolves_an_empty_id_and_deletes_nothing(
+    dag_test: DagTestRunner, tmp_path: Path
+) -> None:
+    # Airflow resolves create.output["prewarm_task_id"] itself (an XComArg): "" on every line, never XComNotFound.
+    emulator = dag_test.emulator
+    emulator.control.seed_task(task_id="pwt-other-run", image=PINNED, region_id="region-a", state="succeeded")
+
+    result = run_synced(dag_test, tmp_path, "example_ppio_lifecycle_reuse", None)
+
+    assert result.task_states == {"prewarm": "success", "deploy": "success", "cleanup": "success"}, result.describe()
+    assert result.xcom("prewarm", "prewarm_task_id") == ""
+    assert result.xcom("prewarm")["reused"] is True
+    assert result.xcom("cleanup") == {"deleted": [], "not_found": []}
+    assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-other-run"]
+    assert requests_of(emulator, "DELETE") == [] and requests_of(emulator, "POST") == []
+
+
+def test_the_cleanup_succeeds_when_the_create_failed_before_creating(dag_test: DagTestRunner, tmp_path: Path) -> None:
+    emulator = dag_test.emulator
+    emulator.control.inject_fault("status", count=None, method="POST", path_prefix=TASKS, status=400)
+
+    result = run_synced(dag_test, tmp_path, "example_ppio_lifecycle", None)
+
+    assert result.task_states["prewarm"] == "failed", result.describe()
+    assert result.task_states["cleanup"] == "success", result.describe()
+    assert result.xcom("cleanup") == {"deleted": [], "not_found": []}

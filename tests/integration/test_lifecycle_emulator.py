@@ -18,13 +18,13 @@ from airflow_provider_ppio.exceptions import PPIONotFoundError, PPIOQuotaExceede
 from airflow_provider_ppio.hooks.ppio import PPIOHook
 from airflow_provider_ppio.operators import prewarm as prewarm_module
 from airflow_provider_ppio.operators.prewarm import (
-    STATE_KEY_PREWARM_TASK_ID,
+    NO_PREWARM_TASK_ID,
     XCOM_PREWARM_TASK_ID,
     PPIOCreatePrewarmTaskOperator,
     PPIODeletePrewarmTasksOperator,
 )
 from airflow_provider_ppio.testing.server import EmulatorServer
-from tests.unit.test_lifecycle_operators import Crash, FakeTI, StateStore, make_context, needs_durable_state
+from tests.unit.test_lifecycle_operators import Crash, FakeTI, make_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -132,7 +132,7 @@ def test_create_operator_waits_until_succeeded(emulator: EmulatorServer) -> None
     assert result["region_id"] == "region-a"
     assert ti.xcoms[XCOM_PREWARM_TASK_ID] == result["task_id"]
     [task] = emulator.control.tasks()
-    assert task["note"].startswith("demo airflow-")
+    assert task["note"].startswith("demo af-")
 
 
 def test_failed_prewarm_fails_the_operator_with_the_api_message(emulator: EmulatorServer) -> None:
@@ -142,35 +142,12 @@ def test_failed_prewarm_fails_the_operator_with_the_api_message(emulator: Emulat
         create_op(image="registry.example.com/acme/will-fail:1").execute(make_context())
 
 
-@needs_durable_state
-def test_retry_after_crash_reconnects_by_durable_state(
-    emulator: EmulatorServer, crash_at_first_wait: CrashingTime
-) -> None:
-    emulator.control.configure(running_seconds=1.0)
-    ti, store = FakeTI(), StateStore()
-    with pytest.raises(Crash):
-        create_op().execute(make_context(ti, store))
-    stored = store.get(STATE_KEY_PREWARM_TASK_ID)
-    lists_before = len([e for e in emulator.control.requests_log() if e["method"] == "GET" and e["path"] == TASKS])
-
-    result = create_op().execute(make_context(ti, store))
-
-    assert result["task_id"] == stored
-    assert result["status"]["status"] == "succeeded"
-    assert len(tasks_for(emulator, "region-a")) == 1
-    assert len(creates(emulator)) == 1
-    lists_after = len([e for e in emulator.control.requests_log() if e["method"] == "GET" and e["path"] == TASKS])
-    assert lists_after == lists_before
-
-
-def test_retry_after_crash_without_durable_state_reuses_by_marker(
-    emulator: EmulatorServer, crash_at_first_wait: CrashingTime
-) -> None:
+def test_retry_after_crash_reuses_by_marker(emulator: EmulatorServer, crash_at_first_wait: CrashingTime) -> None:
     ti = FakeTI()
     with pytest.raises(Crash):
         create_op().execute(make_context(ti))
 
-    result = create_op().execute(make_context(ti))
+    result = create_op().execute(make_context(ti.retry()))
 
     assert result["status"]["status"] == "succeeded"
     assert len(tasks_for(emulator, "region-a")) == 1
@@ -183,10 +160,10 @@ def test_mapped_regions_retried_after_crashes_make_one_prewarm_each(
     regions = ["region-a", "region-b", "region-c"]
     for index, region in enumerate(regions):
         monkeypatch.setattr(prewarm_module, "time", CrashingTime())
-        ti, store = FakeTI(map_index=index), StateStore()
+        ti = FakeTI(map_index=index)
         with pytest.raises(Crash):
-            create_op(region_id=region).execute(make_context(ti, store))
-        assert create_op(region_id=region).execute(make_context(ti, store))["region_id"] == region
+            create_op(region_id=region).execute(make_context(ti))
+        assert create_op(region_id=region).execute(make_context(ti.retry()))["region_id"] == region
 
     for region in regions:
         assert len(tasks_for(emulator, region)) == 1, region
@@ -273,3 +250,101 @@ def test_delete_operator_fail_on_missing(emulator: EmulatorServer) -> None:
     with pytest.raises(PPIONotFoundError, match="pwt-x"):
         op.execute(make_context())
     assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-a"]
+
+
+# -- clear, kill, 409, quota words ------------------------------------------------------------------------
+
+
+def test_a_clear_prewarms_again_and_each_teardown_deletes_only_its_own(emulator: EmulatorServer) -> None:
+    ti = FakeTI()
+    first = create_op().execute(make_context(ti))
+    first_id = ti.xcoms[XCOM_PREWARM_TASK_ID]
+
+    second = create_op().execute(make_context(ti.clear()))
+    teardown = PPIODeletePrewarmTasksOperator(task_id="cleanup", prewarm_task_ids=ti.xcoms[XCOM_PREWARM_TASK_ID])
+    teardown.execute(make_context())
+
+    assert first["task_id"] == first_id != second["task_id"]
+    assert len(creates(emulator)) == 2
+    assert [t["task_id"] for t in emulator.control.tasks()] == [first_id]
+
+
+def test_a_409_with_no_task_to_find_fails_with_the_409(emulator: EmulatorServer) -> None:
+    from airflow_provider_ppio.exceptions import PPIOError
+
+    emulator.control.inject_fault("status", method="POST", path_prefix=TASKS, status=409)
+
+    with pytest.raises(PPIOError) as info:
+        create_op().execute(make_context())
+    assert info.value.http_status == 409
+    assert emulator.control.tasks() == []
+
+
+def test_on_kill_deletes_the_prewarm_this_try_started(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator.control.configure(running_seconds=60)
+    op = create_op()
+    killed = CrashingTime()
+    monkeypatch.setattr(prewarm_module, "time", killed)
+    ti = FakeTI()
+    with pytest.raises(Crash):  # SIGTERM arrives mid-wait; Airflow then calls on_kill on the same operator
+        op.execute(make_context(ti))
+
+    op.on_kill()
+
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] not in {t["task_id"] for t in emulator.control.tasks()}
+    assert emulator.control.tasks() == []
+
+
+def test_on_kill_keeps_the_prewarm_when_the_user_opts_out(
+    emulator: EmulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    emulator.control.configure(running_seconds=60)
+    op = create_op(delete_on_kill=False)
+    monkeypatch.setattr(prewarm_module, "time", CrashingTime())
+    with pytest.raises(Crash):
+        op.execute(make_context())
+
+    op.on_kill()
+
+    assert len(emulator.control.tasks()) == 1
+
+
+def test_on_kill_never_deletes_a_reused_prewarm(emulator: EmulatorServer) -> None:
+    digest = "registry.example.com/acme/llm-server@sha256:" + "d" * 64
+    emulator.control.seed_task(task_id="pwt-other-run", image=digest, region_id="region-a", state="succeeded")
+    op = create_op(image=digest, reuse_prewarmed=True)
+    ti = FakeTI()
+    assert op.execute(make_context(ti))["reused"] is True
+
+    op.on_kill()
+
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID
+    assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-other-run"]
+
+
+def test_the_deferred_creates_trigger_deletes_its_prewarm_on_kill(emulator: EmulatorServer) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    emulator.control.configure(running_seconds=60)
+    with pytest.raises(TaskDeferred) as deferred:
+        create_op(deferrable=True).execute(make_context())
+    trigger = deferred.value.trigger
+    assert trigger.serialize()[1]["delete_on_kill"] is True
+
+    asyncio.run(trigger.on_kill())  # what Airflow 3.3's triggerer calls when a user kills the deferred task
+
+    assert emulator.control.tasks() == []
+
+
+def test_the_sensors_trigger_never_deletes_on_kill(emulator: EmulatorServer) -> None:
+    from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+    emulator.control.seed_task(task_id="pwt-watched", state="running")
+    trigger = PrewarmTaskTrigger(prewarm_task_id="pwt-watched", poke_interval=1)  # as the sensor builds it
+    assert trigger.serialize()[1]["delete_on_kill"] is False
+
+    asyncio.run(trigger.on_kill())
+
+    assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-watched"]

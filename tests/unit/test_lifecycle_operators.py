@@ -1,8 +1,9 @@
 """
 The create and delete operators and the prewarm assets, against a small stateful API on requests-mock.
 
-Crash-then-retry tests run ``execute`` twice with the same task state store, the way Airflow runs a retried
-task instance: a first try that dies mid-wait, then a second one that must not start a second prewarm.
+Crash-then-retry tests run ``execute`` twice on one ``FakeTI``, the way Airflow runs a retried task instance:
+a first try that dies mid-wait, then a second one (``FakeTI.retry``) that must not start a second prewarm;
+``FakeTI.clear`` does what ``airflow tasks clear`` does to ``max_tries``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from airflow_provider_ppio.exceptions import (
 )
 from airflow_provider_ppio.operators import prewarm as prewarm_module
 from airflow_provider_ppio.operators.prewarm import (
-    STATE_KEY_PREWARM_TASK_ID,
+    MARKER_LENGTH,
+    NO_PREWARM_TASK_ID,
+    NOTE_MAX_LENGTH,
     XCOM_PREWARM_TASK,
     XCOM_PREWARM_TASK_ID,
     PPIOCreatePrewarmTaskOperator,
@@ -44,9 +47,6 @@ from airflow_provider_ppio.operators.prewarm import (
     idempotency_marker,
 )
 from tests.conftest import task_json
-
-AF33 = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.3")
-needs_durable_state = pytest.mark.skipif(not AF33, reason="task_state_store arrived in Airflow 3.3")
 
 TASKS = "https://api.ppio.test/gpus/v2/prewarm-tasks"
 ONE_TASK = re.compile(re.escape(TASKS) + r"/(?P<id>[^/?]+)$")
@@ -96,20 +96,22 @@ class FakeAPI:
         if self.lose_create_answer == "timeout":
             self.lose_create_answer = ""
             raise requests.exceptions.ReadTimeout("the answer got lost")
-        if self.lose_create_answer == "502":
+        if self.lose_create_answer in ("502", "408", "409"):
+            context.status_code = int(self.lose_create_answer)
             self.lose_create_answer = ""
-            context.status_code = 502
-            return {"message": "bad gateway"}
+            return {"message": "lost"}
         return {"task_id": task_id}
 
     def _list(self, request: Any, context: Any) -> dict[str, Any]:
         self.lists += 1
         name = request.qs.get("name", [""])[0].lower()
         region = request.qs.get("region_id", [""])[0].lower()
+        status = request.qs.get("status", [""])[0].lower()
         data = [
             t
             for t in self.tasks.values()
             if (not region or t["region_id"].lower() == region)
+            and (not status or t["status"]["status"] == status)
             and (not name or any(name in str(t[f]).lower() for f in ("name", "image", "note")))
         ]
         return {"data": data, "next_cursor": "", "has_more": False}
@@ -146,14 +148,29 @@ class FakeAPI:
 class FakeTI:
     """The task instance attributes and XCom calls the operators use."""
 
-    def __init__(self, run_id: str = "manual__1", map_index: int = -1, task_id: str = "prewarm") -> None:
+    def __init__(
+        self, run_id: str = "manual__1", map_index: int = -1, task_id: str = "prewarm", retries: int = 2
+    ) -> None:
         self.dag_id = "lifecycle"
         self.task_id = task_id
         self.run_id = run_id
         self.map_index = map_index
+        self.retries = retries
         self.try_number = 1
+        self.max_tries = retries  # what Airflow sets when it creates the task instance
         self.stats_tags: dict[str, str] = {}
         self.xcoms: dict[str, Any] = {}
+
+    def retry(self) -> FakeTI:
+        """The next try: Airflow drops the try's XComs; max_tries stays."""
+        self.try_number += 1
+        self.xcoms = {}
+        return self
+
+    def clear(self) -> FakeTI:
+        """``airflow tasks clear``: max_tries = try_number + retries (clear_task_instances), then a new try."""
+        self.max_tries = self.try_number + self.retries
+        return self.retry()
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.xcoms[key] = value
@@ -161,19 +178,6 @@ class FakeTI:
     def xcom_pull(self, task_ids: str, key: str, map_indexes: int | None = None) -> Any:
         assert (task_ids, map_indexes) == (self.task_id, self.map_index), "only its own XComs"
         return self.xcoms.get(key)
-
-
-class StateStore:
-    """``context["task_state_store"]`` of one task instance: survives retries, unlike the operator."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.values.get(key, default)
-
-    def set(self, key: str, value: Any, **kwargs: Any) -> None:
-        self.values[key] = value
 
 
 class Crash(BaseException):
@@ -222,11 +226,8 @@ def outlet_events() -> Any:
     return OutletEventAccessors()
 
 
-def make_context(ti: FakeTI | None = None, store: StateStore | None = None) -> dict[str, Any]:
-    context: dict[str, Any] = {"ti": ti or FakeTI(), "outlet_events": outlet_events()}
-    if store is not None:
-        context["task_state_store"] = store
-    return context
+def make_context(ti: FakeTI | None = None) -> dict[str, Any]:
+    return {"ti": ti or FakeTI(), "outlet_events": outlet_events()}
 
 
 def create_op(**kwargs: Any) -> PPIOCreatePrewarmTaskOperator:
@@ -367,74 +368,109 @@ def test_outlets_need_wait_for_completion() -> None:
 # -- create: idempotency across task retries ------------------------------------------------------------
 
 
-@needs_durable_state
-def test_retry_after_crash_reconnects_through_the_durable_state(api: FakeAPI, clock: Clock) -> None:
-    store, ti = StateStore(), FakeTI()
-    run_to_crash(create_op(), make_context(ti, store), clock)
-    assert store.values == {STATE_KEY_PREWARM_TASK_ID: "pw-1"}
-    lists_before = api.lists
+def test_retry_after_crash_finds_the_task_by_marker(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    run_to_crash(create_op(), make_context(ti), clock)
 
-    result = create_op().execute(make_context(ti, store))  # the retry: a fresh operator, the same store
+    result = create_op().execute(make_context(ti.retry()))
 
     assert api.creates == 1
-    assert api.lists == lists_before  # reconnected by id, no lookup
     assert result["task_id"] == "pw-1"
     assert result["status"]["status"] == "succeeded"
     assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
 
 
-@needs_durable_state
-def test_retry_after_success_returns_at_once(api: FakeAPI, clock: Clock) -> None:
-    store, ti = StateStore(), FakeTI()
-    api.add("pw-done", "succeeded", completed_at=1_767_225_700)
-    store.set(STATE_KEY_PREWARM_TASK_ID, "pw-done")
-
-    result = create_op().execute(make_context(ti, store))
-
-    assert result["task_id"] == "pw-done"
-    assert api.creates == 0
-    assert clock.sleeps == []
-    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-done"
-    assert ti.xcoms[XCOM_PREWARM_TASK]["status"]["status"] == "succeeded"
-
-
-@needs_durable_state
-@pytest.mark.parametrize("stored", ["failed", "deleted"])
-def test_retry_after_a_failed_or_deleted_prewarm_starts_a_new_one(api: FakeAPI, clock: Clock, stored: str) -> None:
-    store = StateStore()
-    store.set(STATE_KEY_PREWARM_TASK_ID, "pw-old")
-    if stored == "failed":
-        api.add("pw-old", "failed")
-
-    result = create_op().execute(make_context(FakeTI(), store))
-
-    assert api.creates == 1
-    assert result["task_id"] == "pw-1"
-    assert store.values[STATE_KEY_PREWARM_TASK_ID] == "pw-1"
-
-
-def test_retry_after_crash_without_durable_state_finds_the_task_by_marker(api: FakeAPI, clock: Clock) -> None:
-    # No task_state_store in the context: Airflow 2.11 (and 3.x before 3.3) runs the operator like this.
+def test_retry_after_success_returns_the_same_task_at_once(api: FakeAPI, clock: Clock) -> None:
     ti = FakeTI()
-    run_to_crash(create_op(), make_context(ti), clock)
-    ti.try_number = 2
+    create_op().execute(make_context(ti))
+    sleeps = len(clock.sleeps)
 
-    result = create_op().execute(make_context(ti))
-
-    assert api.creates == 1
-    assert result["task_id"] == "pw-1"
-    assert result["status"]["status"] == "succeeded"
-
-
-@pytest.mark.filterwarnings("ignore:`durable` has no effect")
-def test_non_durable_operator_also_reuses_by_marker(api: FakeAPI, clock: Clock) -> None:
-    store, ti = StateStore(), FakeTI()
-    run_to_crash(create_op(), make_context(ti, store), clock)
-
-    result = create_op(durable=False).execute(make_context(ti, store))
+    result = create_op().execute(make_context(ti.retry()))
 
     assert api.creates == 1
     assert result["task_id"] == "pw-1"
+    assert len(clock.sleeps) == sleeps
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+
+
+def test_a_clear_prewarms_a_tag_again(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    first = create_op().execute(make_context(ti))
+
+    second = create_op().execute(make_context(ti.clear()))
+
+    assert api.creates == 2
+    assert (first["task_id"], second["task_id"]) == ("pw-1", "pw-2")
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-2"
+    assert api.tasks["pw-2"]["note"] != api.tasks["pw-1"]["note"]
+
+
+def test_a_retry_after_a_clear_keeps_the_cleared_runs_prewarm(api: FakeAPI, clock: Clock) -> None:
+    ti = FakeTI()
+    create_op().execute(make_context(ti))
+    run_to_crash(create_op(), make_context(ti.clear()), clock)
+
+    result = create_op().execute(make_context(ti.retry()))
+
+    assert api.creates == 2
+    assert result["task_id"] == "pw-2"
+
+
+def test_a_cleared_digest_reuses_its_earlier_prewarm_and_the_teardown_leaves_it(api: FakeAPI, clock: Clock) -> None:
+    image = "registry.example.com/team/llama@sha256:" + "a" * 64
+    ti = FakeTI()
+    create_op(image=image, reuse_prewarmed=True).execute(make_context(ti))
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+
+    result = create_op(image=image, reuse_prewarmed=True).execute(make_context(ti.clear()))
+
+    assert api.creates == 1
+    assert result["reused"] is True
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID
+    assert delete_op(ti.xcoms[XCOM_PREWARM_TASK_ID]).execute({}) == {"deleted": [], "not_found": []}
+    assert api.deleted == []
+
+
+def test_a_reused_prewarm_stays_reused_on_every_retry_and_clear(api: FakeAPI, clock: Clock) -> None:
+    # The issue's reproduction: a reuse must never turn into a pushed prewarm_task_id on a later try.
+    image = "registry.example.com/team/llama@sha256:" + "b" * 64
+    api.add("pw-shared", "succeeded", image=image, completed_at=1_767_225_700)
+    ti = FakeTI()
+    for step in (lambda: ti, ti.retry, ti.clear, ti.retry):
+        result = create_op(image=image, reuse_prewarmed=True).execute(make_context(step()))
+        assert result["task_id"] == "pw-shared" and result["reused"] is True
+        assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID
+        delete_op(ti.xcoms[XCOM_PREWARM_TASK_ID]).execute({})
+    assert api.creates == 0
+    assert api.deleted == []
+
+
+def test_a_retry_prefers_its_own_prewarm_to_a_warm_one(api: FakeAPI, clock: Clock) -> None:
+    # Its own (by marker) comes first, so the teardown deletes what this task instance started.
+    image = "registry.example.com/team/llama@sha256:" + "c" * 64
+    ti = FakeTI()
+    run_to_crash(create_op(image=image, reuse_prewarmed=True), make_context(ti), clock)
+    api.add("pw-elsewhere", "succeeded", image=image, completed_at=1_767_225_700)
+
+    result = create_op(image=image, reuse_prewarmed=True).execute(make_context(ti.retry()))
+
+    assert result["task_id"] == "pw-1" and "reused" not in result
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == "pw-1"
+
+
+def test_a_try_that_fails_before_creating_leaves_an_empty_id_for_the_teardown(
+    requests_mock: rm.Mocker, ppio_conn: str, clock: Clock
+) -> None:
+    ti = FakeTI()
+    ti.xcoms[XCOM_PREWARM_TASK_ID] = "pw-from-an-earlier-try"  # a stale value must not survive the try's start
+    requests_mock.get(TASKS, json={"data": [], "next_cursor": "", "has_more": False})
+    requests_mock.post(TASKS, status_code=400, json={"message": "prewarm task quota exceeded"})
+
+    with pytest.raises(PPIOQuotaExceededError):
+        create_op(wait_for_quota=False).execute(make_context(ti))
+
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID
+    assert delete_op(ti.xcoms[XCOM_PREWARM_TASK_ID]).execute({}) == {"deleted": [], "not_found": []}
 
 
 def test_a_failed_earlier_prewarm_is_not_reused(api: FakeAPI, clock: Clock) -> None:
@@ -469,7 +505,7 @@ def test_reuse_can_be_turned_off(api: FakeAPI, clock: Clock) -> None:
     assert api.lists == 0
 
 
-@pytest.mark.parametrize("how", ["timeout", "502"])
+@pytest.mark.parametrize("how", ["timeout", "502", "408", "409"])
 def test_a_lost_create_answer_is_recovered_without_a_second_create(api: FakeAPI, clock: Clock, how: str) -> None:
     api.lose_create_answer = how
 
@@ -492,17 +528,21 @@ def test_a_lost_create_answer_without_a_task_raises_the_create_error(
     assert len([r for r in requests_mock.request_history if r.method == "POST"]) == 1
 
 
-def test_markers_differ_per_map_index_and_run_but_not_per_try() -> None:
+def test_markers_differ_per_map_index_run_and_clear_but_not_per_try() -> None:
     first = idempotency_marker({"ti": FakeTI()})
-    retry = FakeTI()
-    retry.try_number = 3
+    ti = FakeTI()
 
-    assert idempotency_marker({"ti": retry}) == first
+    assert idempotency_marker({"ti": ti.retry().retry()}) == first
+    cleared = idempotency_marker({"ti": ti.clear()})
+    assert cleared != first
+    assert idempotency_marker({"ti": ti.retry()}) == cleared
+    assert idempotency_marker({"ti": ti.clear()}) not in (first, cleared)
     assert idempotency_marker({"ti": FakeTI(map_index=0)}) != first
     assert idempotency_marker({"ti": FakeTI(map_index=0)}) != idempotency_marker({"ti": FakeTI(map_index=1)})
     assert idempotency_marker({"ti": FakeTI(run_id="manual__2")}) != first
     assert idempotency_marker({"ti": FakeTI(task_id="other")}) != first
-    assert re.fullmatch(r"airflow-[0-9a-f]{24}", first)
+    assert re.fullmatch(r"af-[0-9a-f]{16}", first)
+    assert len(first) == MARKER_LENGTH
 
 
 def test_mapped_regions_each_get_their_own_prewarm_across_retries(api: FakeAPI, clock: Clock) -> None:
@@ -510,7 +550,7 @@ def test_mapped_regions_each_get_their_own_prewarm_across_retries(api: FakeAPI, 
     for index, region in enumerate(regions):
         ti = FakeTI(map_index=index)
         run_to_crash(create_op(region_id=region), make_context(ti), clock)
-        create_op(region_id=region).execute(make_context(ti))
+        create_op(region_id=region).execute(make_context(ti.retry()))
 
     assert api.creates == 3
     assert sorted(t["region_id"] for t in api.tasks.values()) == regions
@@ -935,7 +975,7 @@ def test_a_digest_pinned_image_already_prewarmed_is_reused_whatever_its_age(api:
     assert result["task_id"] == "pw-old"
     assert result["reused"] is True
     assert api.creates == 0
-    assert XCOM_PREWARM_TASK_ID not in ti.xcoms  # a teardown must not delete a prewarm this task did not start
+    assert ti.xcoms[XCOM_PREWARM_TASK_ID] == NO_PREWARM_TASK_ID  # a teardown deletes nothing of another run's
 
 
 def test_a_warm_image_found_during_a_quota_wait_is_reused_instead_of_created(
@@ -1004,3 +1044,177 @@ def test_a_templated_bad_image_is_refused_before_any_request(
     with pytest.raises(PPIOInvalidInputError, match="needs an image reference"):
         op.execute(make_context())
     assert requests_mock.call_count == 0
+
+
+# -- note length ---------------------------------------------------------------------------------------------
+
+
+def test_a_note_that_fits_with_the_marker_is_sent_whole(api: FakeAPI, clock: Clock) -> None:
+    room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+    create_op(note="n" * room).execute(make_context())
+
+    assert len(api.tasks["pw-1"]["note"]) == NOTE_MAX_LENGTH
+
+
+def test_a_note_too_long_with_the_marker_is_refused_when_the_dag_is_parsed() -> None:
+    room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+    with pytest.raises(PPIOInvalidInputError, match=rf"note is {room + 1} characters long; at most {room} fit"):
+        create_op(note="n" * (room + 1))
+
+
+def test_a_templated_note_too_long_is_refused_before_any_request(
+    api: FakeAPI, clock: Clock, requests_mock: rm.Mocker
+) -> None:
+    op = create_op(note="{{ params.note }}")
+    op.note = "n" * NOTE_MAX_LENGTH  # what the template rendered to
+    ti = FakeTI()
+
+    with pytest.raises(PPIOInvalidInputError, match="at most 100 characters"):
+        op.execute(make_context(ti))
+    assert requests_mock.request_history == []
+
+
+# -- on_kill ---------------------------------------------------------------------------------------------------
+
+
+def test_on_kill_deletes_the_running_prewarm_this_try_started(api: FakeAPI, clock: Clock) -> None:
+    api.script = ["running"]
+    op, ti = create_op(), FakeTI()
+    run_to_crash(op, make_context(ti), clock)
+
+    op.on_kill()
+
+    assert api.deleted == ["pw-1"]
+
+
+def test_on_kill_after_a_retry_deletes_the_prewarm_the_retry_took_over(api: FakeAPI, clock: Clock) -> None:
+    # The retry pushed the earlier try's prewarm as its own prewarm_task_id (same marker): it is this try's to stop.
+    api.script = ["running"]
+    ti = FakeTI()
+    run_to_crash(create_op(), make_context(ti), clock)
+    op = create_op()
+    run_to_crash(op, make_context(ti.retry()), clock)
+
+    op.on_kill()
+
+    assert api.creates == 1
+    assert api.deleted == ["pw-1"]
+
+
+def test_on_kill_leaves_a_finished_or_reused_prewarm_and_honours_the_opt_out(api: FakeAPI, clock: Clock) -> None:
+    image = "registry.example.com/team/llama@sha256:" + "e" * 64
+    api.add("pw-warm", "succeeded", image=image, completed_at=1_767_225_700)
+    reused = create_op(image=image, reuse_prewarmed=True)
+    reused.execute(make_context())
+    reused.on_kill()
+
+    done = create_op()
+    done.execute(make_context())
+    done.on_kill()  # killed after the prewarm succeeded: nothing left to stop
+
+    api.script = ["running"]
+    kept = create_op(delete_on_kill=False)
+    run_to_crash(kept, make_context(FakeTI(run_id="manual__2")), clock)
+    kept.on_kill()
+
+    never_started = create_op()
+    never_started.on_kill()
+
+    assert api.deleted == []
+    assert set(api.tasks) == {"pw-warm", "pw-1", "pw-2"}
+
+
+def test_the_create_trigger_carries_delete_on_kill_and_the_read_before_deferring_is_one_attempt(
+    api: FakeAPI, clock: Clock
+) -> None:
+    from airflow.providers.common.compat.sdk import TaskDeferred
+
+    api.fail_reads = [503] * 50  # an outage: waiting it out is the triggerer's job
+
+    with pytest.raises(TaskDeferred) as deferred:
+        create_op(deferrable=True).execute(make_context())
+
+    assert len(api.reads) == 5  # the hook's normal attempts, not unreachable_timeout of patience
+    assert deferred.value.trigger.serialize()[1]["delete_on_kill"] is True
+    with pytest.raises(TaskDeferred) as kept:
+        create_op(deferrable=True, delete_on_kill=False).execute(make_context(FakeTI(run_id="manual__2")))
+    assert kept.value.trigger.serialize()[1]["delete_on_kill"] is False
+
+
+# -- quota wait messages ---------------------------------------------------------------------------------------
+
+
+def logged_text(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> str:
+    """What was logged: stdlib logging (Airflow 2, which also echoes to the console), else the console (Airflow 3)."""
+    captured = capsys.readouterr()
+    return caplog.text if "quota is used up" in caplog.text else captured.out + captured.err
+
+
+def test_a_quota_wait_that_times_out_says_finished_tasks_may_count_and_how_to_delete_them(
+    api: FakeAPI, requests_mock: rm.Mocker, clock: Clock
+) -> None:
+    refuse_creates(api, requests_mock, refusals=10_000)
+
+    with pytest.raises(AirflowFailException) as info:
+        create_op(poke_interval=10, timeout=120).execute(make_context())
+
+    assert "finished (succeeded or failed) prewarm tasks toward the limit until they are deleted" in str(info.value)
+    assert "PPIODeletePrewarmTasksOperator" in str(info.value)
+
+
+def test_the_quota_wait_warns_once_per_state_and_says_when_waiting_cannot_help(
+    api: FakeAPI,
+    requests_mock: rm.Mocker,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    refuse_creates(api, requests_mock, refusals=10_000)
+    api.add("pw-busy", "running", region_id="another-region")  # any region of the account counts
+    api.add("pw-finished", "succeeded")
+
+    def finish_the_busy_one() -> None:
+        if len(clock.sleeps) == 3:
+            api.tasks["pw-busy"]["status"]["status"] = "succeeded"
+            api.scripts["pw-busy"] = ["succeeded"]
+
+    clock.on_sleep = finish_the_busy_one
+    with pytest.raises(AirflowFailException):
+        create_op(poke_interval=10, timeout=300).execute(make_context())
+
+    text = logged_text(caplog, capsys)
+    busy = text.count("for a free slot, next create in")
+    idle = text.count("none of its prewarm tasks is pending or running, so waiting may not help")
+    assert len(clock.sleeps) > 6
+    assert "WARNING" in text.upper()
+    # One WARNING per state (busy, then idle); the other attempts log at INFO.
+    warnings = [line for line in text.splitlines() if "quota is used up" in line and "warn" in line.lower()]
+    assert len(warnings) == 2, warnings
+    assert busy >= 3 and idle >= 1
+
+
+def test_the_quota_wait_repeats_its_warning_as_a_periodic_summary(
+    api: FakeAPI,
+    requests_mock: rm.Mocker,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    refuse_creates(api, requests_mock, refusals=10_000)
+    api.add("pw-busy", "running")
+
+    with pytest.raises(AirflowFailException):
+        create_op(poke_interval=60, timeout=prewarm_module.QUOTA_SUMMARY_INTERVAL * 2.5).execute(make_context())
+
+    warnings = [
+        line
+        for line in logged_text(caplog, capsys).splitlines()
+        if "quota is used up" in line and "warn" in line.lower()
+    ]
+    assert 2 <= len(warnings) <= 4, warnings  # the first, then one per QUOTA_SUMMARY_INTERVAL
