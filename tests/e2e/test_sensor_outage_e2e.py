@@ -108,9 +108,10 @@ def test_an_outage_longer_than_unreachable_timeout_fails_with_the_last_error(out
     reads = _reads(emulator, "down", mode)
     assert set(reads) == {503}, reads
     if mode == "reschedule":
-        # One request per poke; the outage's start was carried from poke to poke.
+        # One request per poke, so a poke could give up only with the outage's start carried from an
+        # earlier poke (the first poke of an outage always reschedules).
         assert len(reads) >= 2, reads
-        assert log.count("poking again at the next reschedule") == len(reads) - 1, log
+        assert "poking again at the next reschedule" in log, log
     else:
         # Waited out inside one poke (poke mode) or by the trigger: more reads than one call's attempts.
         assert len(reads) >= 3, reads
