@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
+from airflow import __version__ as airflow_version
 from airflow.providers.common.compat.sdk import (
     AirflowException,
     AirflowFailException,
@@ -33,7 +37,14 @@ from airflow_provider_ppio.status import Outcome, log_waiting
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
 
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
     from airflow_provider_ppio.models import PrewarmTask
+
+AIRFLOW_3 = int(airflow_version.split(".", 1)[0]) >= 3
+#: Where reschedule mode keeps the start of an outage between pokes: the ``task_state_store`` key (Airflow 3.3),
+#: else the prefix of an Airflow Variable (Airflow 2.11 has no per-task durable store that survives a reschedule:
+#: a task's XComs are cleared at the start of every reschedule poke, on both lines).
+OUTAGE_KEY = "ppio_sensor_outage"
 
 
 class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
@@ -59,6 +70,13 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
     With ``deferrable=True`` the sensor pokes once and, if the prewarm is not finished, hands the
     wait to the triggerer (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`),
     freeing its worker slot.
+
+    Only poke mode waits out API trouble inside one poke. The poke before a deferral and each poke in
+    reschedule mode make one request: on transient trouble the deferral goes ahead (the trigger is the
+    patient one), and reschedule mode reschedules, keeping when the outage began in the task's durable
+    state (``task_state_store`` on Airflow 3.3, an Airflow Variable on 2.11, deleted when the task ends),
+    so ``unreachable_timeout`` counts across pokes. In reschedule mode the ``timeout`` counts from the
+    first poke, as Airflow itself counts it on each line.
 
     :param prewarm_task_id: Id of the prewarm task to wait for (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
@@ -98,7 +116,17 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         try:
             if not self.deferrable:
                 self._deadline = _poke_deadline(self, context)
-                return super().execute(context)
+                if not self.reschedule:
+                    return super().execute(context)
+                try:
+                    result = super().execute(context)
+                except AirflowRescheduleException:
+                    raise
+                except BaseException:
+                    _Outage(context, self.log).forget()
+                    raise
+                _Outage(context, self.log).forget()
+                return result
             self._deadline = time.time() + self.timeout
             try:
                 answer = self.poke(context)
@@ -181,11 +209,15 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """
-        Read the prewarm task and say whether the gate is open; transient errors are retried for up
-        to ``unreachable_timeout``.
+        Read the prewarm task and say whether the gate is open.
+
+        In poke mode transient errors are retried for up to ``unreachable_timeout``; before a deferral
+        and in reschedule mode one request is made and transient trouble means "not yet".
 
         :param context: The task context.
         """
+        if self.deferrable or self.reschedule:
+            return self._poke_once(context)
         try:
             task = self.hook.get_prewarm_task(self.prewarm_task_id, patient=True, deadline=self._deadline)
         except PPIOError as err:
@@ -194,6 +226,56 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
                 return False  # BaseSensorOperator raises the timeout
             raise
         return self.judge(task, context)
+
+    @cached_property
+    def _one_try_hook(self) -> PPIOHook:
+        """A hook that makes one attempt per call: pokes that free the worker slot leave the patience to others."""
+        from airflow_provider_ppio.hooks.ppio import PPIOHook  # the hook stack: only when a task runs
+
+        return PPIOHook(ppio_conn_id=self.ppio_conn_id, max_attempts=1, unreachable_timeout=self.unreachable_timeout)
+
+    def _poke_once(self, context: Context) -> PokeReturnValue | bool:
+        """One request; transient trouble defers (the trigger waits it out) or reschedules within the outage bound."""
+        try:
+            task = self._one_try_hook.get_prewarm_task(self.prewarm_task_id)
+        except PPIOError as err:
+            if not err.transient:
+                raise
+            if self.deferrable:
+                self.log.warning("The PPIO API gave no usable answer (%s); the trigger waits for it", err)
+                return False
+            return self._outage_goes_on(err, context)
+        return self.judge(task, context)
+
+    def _outage_goes_on(self, err: PPIOError, context: Context) -> bool:
+        """
+        Reschedule mode, after a transient error: wait for the next poke, unless the outage has lasted
+        ``unreachable_timeout`` (then fail with the last error) or the sensor's timeout came first.
+
+        :param err: This poke's error.
+        :param context: The task context.
+        """
+        from airflow_provider_ppio.hooks._retry import gave_up  # the hook stack: only when a task runs
+        from airflow_provider_ppio.hooks._shared import Patience, prewarm_task_path
+
+        now = time.time()
+        outage = _Outage(context, self.log)
+        since = outage.began(now)
+        unreachable = self._one_try_hook.settings.unreachable_timeout
+        if self._deadline is not None and now >= self._deadline and self._deadline <= since + unreachable:
+            self.log.warning("The sensor's timeout passed while the API gave no usable answer: %s", err)
+            return False  # BaseSensorOperator raises the timeout
+        if now >= since + unreachable:
+            outage.forget()
+            raise gave_up(err, Patience(unreachable), f"GET {prewarm_task_path(self.prewarm_task_id)}") from err
+        self.log.warning(
+            "The PPIO API gave no usable answer (%s); no usable answer for %.0fs, poking again at the next "
+            "reschedule (giving up after %gs)",
+            err,
+            now - since,
+            unreachable,
+        )
+        return False
 
     def judge(self, task: PrewarmTask, context: Context | None = None) -> PokeReturnValue | bool:
         """
@@ -276,13 +358,145 @@ def _is_deferral_timeout(err: BaseException) -> bool:
     return name == "TaskDeferralTimeout" or (name == "TaskDeferralError" and "timeout" in str(err).lower())
 
 
-def _poke_deadline(sensor: PrewarmTaskSensor, context: Context) -> float | None:
-    """When the sensor's timeout ends this wait: from now in poke mode, from the first try in reschedule mode."""
+def _poke_deadline(sensor: PrewarmTaskSensor, context: Context) -> float:
+    """When the sensor's timeout ends this wait: from now in poke mode, from the first poke in reschedule mode."""
     if not sensor.reschedule:
         return time.time() + sensor.timeout
-    first = getattr(context["ti"], "get_first_reschedule_date", None)
-    started = first(context) if callable(first) else None
+    started = _first_poke(sensor, context)
     return (started.timestamp() if started else time.time()) + sensor.timeout
+
+
+def _first_poke(sensor: PrewarmTaskSensor, context: Context) -> datetime.datetime | None:
+    """
+    When reschedule mode's first poke started, found as Airflow's own ``BaseSensorOperator.execute``
+    finds it (None before the first reschedule), so that this sensor and Airflow agree on the timeout.
+
+    Airflow 3 asks the task instance (``get_first_reschedule_date``, reschedules of this try); Airflow 2.11
+    reads the ``TaskReschedule`` rows from the first try on (a clear starts again).
+
+    :param sensor: The sensor (for its ``retries``).
+    :param context: The task context.
+    """
+    ti = context["ti"]
+    if AIRFLOW_3:
+        first: datetime.datetime | None = ti.get_first_reschedule_date(context)
+        return first
+    from airflow.models.taskreschedule import TaskReschedule  # Airflow 2.11 only, when a task runs
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    first_try = (ti.max_tries or 0) - (sensor.retries or 0) + 1
+    with create_session() as session:
+        return cast(
+            "datetime.datetime | None",
+            session.scalar(
+                select(TaskReschedule.start_date)
+                .where(
+                    TaskReschedule.dag_id == ti.dag_id,
+                    TaskReschedule.task_id == ti.task_id,
+                    TaskReschedule.run_id == ti.run_id,
+                    TaskReschedule.map_index == ti.map_index,
+                    TaskReschedule.try_number >= first_try,
+                )
+                .order_by(TaskReschedule.id.asc())
+                .limit(1)
+            ),
+        )
+
+
+def _reschedules_of_this_try(context: Context) -> int:
+    """How many times this try has been rescheduled so far (the number of the current poke, from 0)."""
+    if AIRFLOW_3:
+        return int(context.get("task_reschedule_count") or 0)
+    from airflow.models.taskreschedule import TaskReschedule  # Airflow 2.11 only, when a task runs
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    ti = context["ti"]
+    with create_session() as session:
+        return int(
+            session.scalar(
+                select(func.count(TaskReschedule.id)).where(
+                    TaskReschedule.dag_id == ti.dag_id,
+                    TaskReschedule.task_id == ti.task_id,
+                    TaskReschedule.run_id == ti.run_id,
+                    TaskReschedule.map_index == ti.map_index,
+                    TaskReschedule.try_number == ti.try_number,
+                )
+            )
+            or 0
+        )
+
+
+class _Outage:
+    """
+    When the outage seen by reschedule mode's pokes began, kept between pokes in the task's durable state.
+
+    The record names the try and the poke that wrote it; it counts only if the poke just before this one
+    wrote it (an answer in between, or another try, starts a new outage), so nothing has to be deleted when
+    the API answers again. Airflow 3.3 keeps it in ``task_state_store``; Airflow 2.11 (and a 3.x without
+    that store) in an Airflow Variable named after the task instance, deleted when the task ends.
+
+    :param context: The task context.
+    :param log: Where to warn if the record cannot be deleted.
+    """
+
+    def __init__(self, context: Context, log: Any) -> None:
+        self._context = context
+        self._log = log
+        ti = context["ti"]
+        self._ti = ti
+        self._store: Any = context.get("task_state_store")
+        scope = json.dumps([ti.dag_id, ti.task_id, ti.run_id, ti.map_index])
+        self._variable = f"{OUTAGE_KEY}_{hashlib.sha256(scope.encode()).hexdigest()[:32]}"
+        self._description = f"PrewarmTaskSensor outage start of {scope}; deleted when the task ends"
+
+    def began(self, now: float) -> float:
+        """
+        When the current outage began (``now`` if this poke is its first), recorded for the next poke.
+
+        :param now: This poke's time (Unix seconds).
+        """
+        poke = _reschedules_of_this_try(self._context)
+        record = self._read()
+        since = now
+        if (
+            isinstance(record, dict)
+            and record.get("try") == self._ti.try_number
+            and isinstance(record.get("poke"), int)
+            and poke - 1 <= record["poke"] <= poke
+            and isinstance(record.get("since"), int | float)
+        ):
+            since = float(record["since"])
+        self._write({"try": self._ti.try_number, "poke": poke, "since": since})
+        return since
+
+    def forget(self) -> None:
+        """Delete the record (the task ends); a failure to delete is logged, never raised over the ending."""
+        try:
+            if self._store is not None:
+                self._store.delete(OUTAGE_KEY)
+            else:
+                from airflow.providers.common.compat.sdk import Variable
+
+                Variable.delete(self._variable)
+        except Exception as err:  # cleanup must not replace how the task ends
+            self._log.warning("Could not delete the sensor's outage record: %s", err)
+
+    def _read(self) -> Any:
+        if self._store is not None:
+            return self._store.get(OUTAGE_KEY)
+        from airflow.providers.common.compat.sdk import Variable
+
+        return Variable.get(self._variable, None, deserialize_json=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._store is not None:
+            self._store.set(OUTAGE_KEY, record, retention=datetime.timedelta(days=1))
+            return
+        from airflow.providers.common.compat.sdk import Variable
+
+        Variable.set(self._variable, record, description=self._description, serialize_json=True)
 
 
 def _age(task: PrewarmTask) -> str:

@@ -6,7 +6,12 @@ fault injection, a closed port, a server that never answers, the HTTPS emulator 
 ``socket.getaddrinfo``. Each mode is driven as Airflow drives it:
 
 * poke: ``sensor.execute(context)`` with ``mode="poke"``;
-* reschedule: ``mode="reschedule"``: ``execute`` raises ``AirflowRescheduleException`` while it waits;
+* reschedule: ``mode="reschedule"``: ``execute`` raises ``AirflowRescheduleException`` while it waits; each
+  poke makes one request, so a row that ends the wait (an outage past ``unreachable_timeout``...) is driven
+  poke after poke, ``poke_interval`` apart, as Airflow reschedules it. Airflow's records of the reschedules
+  (the first poke's start, the reschedule count, the task's durable state) come from :class:`FakeTI` and
+  its context here, on both lines; tests/unit/test_sensor_reschedule.py (Airflow 2.11's database) and
+  tests/e2e/test_sensor_outage_e2e.py (``dags test`` on both lines) run Airflow's own;
 * deferrable: ``execute`` -> ``TaskDeferred`` -> the trigger rebuilt from ``serialize()`` (as the triggerer
   does) run to its first event -> ``resume_execution(next_method, {"event": event, **kwargs}, context)``;
 * the create operator, waiting in the worker (``deferrable=False``) or deferrable, the same way.
@@ -259,6 +264,27 @@ class FakeTI:
     def get_first_reschedule_date(self, context: Any) -> datetime.datetime | None:
         return self._first_try
 
+    def rescheduled(self, context: dict[str, Any], poke_started: datetime.datetime) -> None:
+        """What Airflow records when a reschedule-mode poke ends in a reschedule."""
+        self._first_try = self._first_try or poke_started
+        context["task_reschedule_count"] += 1
+
+
+class StateStore:
+    """A task's durable state (``task_state_store``), kept across the reschedules of one case."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
+        self.values[key] = value
+
+    def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
     def xcom_push(self, key: str, value: Any, **kwargs: Any) -> None:
         self.xcoms[key] = value
 
@@ -356,13 +382,18 @@ def _first_try(row: Row, mode: str, monkeypatch: pytest.MonkeyPatch) -> datetime
         af2_sensor_base = None  # type: ignore[assignment,unused-ignore]
     if af2_sensor_base is not None and hasattr(af2_sensor_base, "_orig_start_date"):
         monkeypatch.setattr(af2_sensor_base, "_orig_start_date", lambda **kwargs: started)
+        # The sensor then asks the task instance, as on Airflow 3: FakeTI answers for Airflow on both lines.
+        from airflow_provider_ppio.sensors import prewarm
+
+        monkeypatch.setattr(prewarm, "AIRFLOW_3", True)
     return started
 
 
 def drive(row: Row, mode: str, variant: str, world: World) -> Observed:
     """Run one cell and read how the task ended."""
     task = make_task(row, mode, variant)
-    context: dict[str, Any] = {"ti": FakeTI(_first_try(row, mode, world.monkeypatch))}
+    ti = FakeTI(_first_try(row, mode, world.monkeypatch))
+    context: dict[str, Any] = {"ti": ti, "task_reschedule_count": 0, "task_state_store": StateStore()}
     deferrable = mode in ("deferrable", "create_deferrable")
     if deferrable and row.key not in ("quota", "quota-wait"):
         world.seed("running")
@@ -371,14 +402,25 @@ def drive(row: Row, mode: str, variant: str, world: World) -> Observed:
     world.mark()
     started = first = time.monotonic()
     deferred: TaskDeferred | None = None
-    try:
-        task.execute(context)
-    except TaskDeferred as err:
-        deferred = err
-    except BaseException as err:
-        ending: BaseException | None = err
-    else:
-        ending = None
+    ending: BaseException | None = None
+    # Reschedule mode: poke after poke until the wait ends, unless the row is one that keeps waiting.
+    pokes_until_the_end = mode == "reschedule" and cell(row, mode, variant).outcome != WAIT
+    while True:
+        poke_started = datetime.datetime.now(datetime.UTC)
+        try:
+            task.execute(context)
+        except TaskDeferred as err:
+            deferred = err
+        except BaseException as err:
+            ending = err
+        else:
+            ending = None
+        if not (pokes_until_the_end and isinstance(ending, AirflowRescheduleException)):
+            break
+        if time.monotonic() - first > 30:
+            break
+        ti.rescheduled(context, poke_started)
+        time.sleep(POKE_INTERVAL)
     first_deferral = True
     while deferred is not None:  # outside the except block: the triggerer has no TaskDeferred in its context
         if first_deferral and row.key not in ("quota", "quota-wait"):

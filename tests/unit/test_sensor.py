@@ -1,17 +1,15 @@
-"""PrewarmTaskSensor: poke answers, failures, soft_fail, reschedule mode and templating."""
+"""PrewarmTaskSensor: poke answers, failures, soft_fail and templating (reschedule mode: test_sensor_reschedule.py)."""
 
 from __future__ import annotations
 
 import datetime
 import json
-import types
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 import requests_mock as rm
-from airflow.exceptions import AirflowRescheduleException  # the same class as the Task SDK's on Airflow 3
 from airflow.providers.common.compat.sdk import (
     DAG,
     AirflowFailException,
@@ -47,27 +45,6 @@ def task_url(ppio_conn: str) -> str:
 
 def sensor(**kwargs: Any) -> PrewarmTaskSensor:
     return PrewarmTaskSensor(**{"task_id": "wait", "prewarm_task_id": "pw-1", "poke_interval": 1, **kwargs})
-
-
-@pytest.fixture
-def reschedule_context(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The part of a task context that ``mode="reschedule"`` reads: a first try, no earlier reschedule."""
-    try:
-        import airflow.sensors.base as af2_sensor_base  # Airflow 2 looks the first try's start up in the DB
-    except ImportError:
-        af2_sensor_base = None
-    if af2_sensor_base is not None and hasattr(af2_sensor_base, "_orig_start_date"):
-        monkeypatch.setattr(af2_sensor_base, "_orig_start_date", lambda **kwargs: None)
-    ti = types.SimpleNamespace(
-        dag_id="gate",
-        task_id="wait",
-        run_id="manual__1",
-        map_index=-1,
-        max_tries=0,
-        try_number=1,
-        get_first_reschedule_date=lambda context: None,
-    )
-    return {"ti": ti}
 
 
 # -- poke ---------------------------------------------------------------------------------------------
@@ -265,39 +242,6 @@ def test_soft_fail_does_not_hide_a_bad_api_key(requests_mock: rm.Mocker, task_ur
     requests_mock.get(task_url, status_code=401, json={"message": "bad key"})
     with pytest.raises(PPIOAuthError):
         sensor(soft_fail=True).execute({})
-
-
-def test_reschedule_mode_reschedules_instead_of_blocking(
-    requests_mock: rm.Mocker,
-    task_url: str,
-    sleeps: list[float],
-    reschedule_context: dict[str, Any],
-    make_task: MakeTask,
-) -> None:
-    requests_mock.get(task_url, json=make_task("pw-1", "running"))
-    waiting = sensor(mode="reschedule", poke_interval=60)
-    before = datetime.datetime.now(datetime.UTC)
-    with pytest.raises(AirflowRescheduleException) as info:
-        waiting.execute(reschedule_context)
-    assert requests_mock.call_count == 1
-    assert sleeps == []  # the worker slot is freed, not held by sleeping
-    assert info.value.reschedule_date >= before + datetime.timedelta(seconds=50)
-
-
-def test_reschedule_mode_finishes_with_the_xcom(
-    requests_mock: rm.Mocker, task_url: str, reschedule_context: dict[str, Any], make_task: MakeTask
-) -> None:
-    requests_mock.get(task_url, json=make_task("pw-1", "succeeded"))
-    result = sensor(mode="reschedule").execute(reschedule_context)
-    assert result["task_id"] == "pw-1"
-
-
-def test_reschedule_mode_soft_fail_skips(
-    requests_mock: rm.Mocker, task_url: str, reschedule_context: dict[str, Any], make_task: MakeTask
-) -> None:
-    requests_mock.get(task_url, json=make_task("pw-1", "failed"))
-    with pytest.raises(AirflowSkipException):
-        sensor(mode="reschedule", soft_fail=True).execute(reschedule_context)
 
 
 # -- templating ---------------------------------------------------------------------------------------
