@@ -18,12 +18,13 @@ from typing import Any, Final
 
 from airflow.providers.common.compat.sdk import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from pydantic import SecretStr
 
 from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import check_seconds
-from airflow_provider_ppio.hooks._shared import prewarm_task_path
+from airflow_provider_ppio.hooks._shared import prewarm_task_path, scrub
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
@@ -87,6 +88,8 @@ class PrewarmTaskTrigger(BaseTrigger):
         self.poke_interval = float(poke_interval)
         self.deadline = None if deadline is None else float(deadline)
         self.unreachable_timeout = None if unreachable_timeout is None else float(unreachable_timeout)
+        #: The key, once read: scrubbed from every event's message (Airflow 3 stores events in the database).
+        self._secret: SecretStr | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
@@ -121,6 +124,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
         try:
             settings = await hook.aget_settings()
+            self._secret = settings.secret
         except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
             return self._error_event(err)
         async with SHARED_SESSIONS.lease(settings):
@@ -164,6 +168,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         return self._event(EVENT_TIMEOUT, message, last_status=last_status)
 
     def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
+        message = scrub(message, self._secret) or ""
         payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
         if task is not None:
             payload["task"] = task.to_xcom()
