@@ -31,10 +31,11 @@ from airflow.providers.common.compat.sdk import mask_secret
 from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
+    Answer,
     ClientSettings,
     Failure,
     TLSSettings,
-    interpret_response,
+    decode_answer,
     request_headers,
     timeout_error,
     too_large,
@@ -68,16 +69,10 @@ async def send(
     outcome = await _exchange(session, settings, method, path, params=params, json=json, max_bytes=max_bytes)
     if isinstance(outcome, PPIOError):
         raise outcome  # raised here, outside any handler: the library's exception does not ride along
-    status, headers, body = outcome
-    return interpret_response(
-        method=method,
-        path=path,
-        status=status,
-        headers=headers,
-        body=body,
-        secret=settings.secret,
-        allow_empty=allow_empty,
-    )
+    decoded = decode_answer(outcome, method=method, path=path, secret=settings.secret, allow_empty=allow_empty)
+    if isinstance(decoded, PPIOError):
+        raise decoded
+    return decoded
 
 
 async def _exchange(
@@ -89,7 +84,7 @@ async def _exchange(
     params: Mapping[str, Any] | None,
     json: Any,
     max_bytes: int,
-) -> tuple[int, Mapping[str, str], bytes] | PPIOError:
+) -> Answer | PPIOError:
     """
     Send one request and read its answer whole; a failure is returned, not raised, so that the error the caller
     raises carries no library exception (aiohttp's parser errors quote what the server sent, and its response
@@ -115,7 +110,7 @@ async def _exchange(
                 body += chunk
                 if len(body) > max_bytes:
                     return too_large(where, max_bytes)
-            return response.status, headers, bytes(body)
+            return Answer(response.status, headers, bytes(body))
     except aiohttp.ConnectionTimeoutError as err:  # connecting, or queueing for a connection: never sent
         return _transport_error(where, settings, err)
     except TimeoutError:

@@ -32,6 +32,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOBadRequestError,
     PPIOBadResponseError,
     PPIOConnectionConfigError,
+    PPIOError,
     PPIOInvalidInputError,
     PPIONotFoundError,
     PPIOQuotaExceededError,
@@ -322,6 +323,44 @@ def request_headers(settings: ClientSettings, *, json_body: bool) -> dict[str, s
 
 
 # -- answers ---------------------------------------------------------------------------------------
+
+
+class Answer:
+    """
+    A complete HTTP answer as a transport read it. Its ``repr`` shows neither header values nor the body: a
+    traceback printed with its frames' locals must not show what the server echoed (the key, say).
+
+    :param status: HTTP status code.
+    :param headers: Response headers (case-insensitive mapping).
+    :param body: The whole (decoded) body.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def __repr__(self) -> str:
+        return f"<Answer HTTP {self.status}, {len(self.body)} bytes>"
+
+
+def decode_answer(answer: Answer, *, method: str, path: str, secret: SecretStr, allow_empty: bool) -> Any:
+    """
+    :func:`interpret_response` for an :class:`Answer`; the error it stands for is returned, not raised, and
+    without the frames (and their locals, which hold the answer) it was built in. The caller raises it.
+    """
+    try:
+        return interpret_response(
+            method=method,
+            path=path,
+            status=answer.status,
+            headers=answer.headers,
+            body=answer.body,
+            secret=secret,
+            allow_empty=allow_empty,
+        )
+    except PPIOError as err:
+        return err.with_traceback(None)
 
 
 def interpret_response(

@@ -22,10 +22,11 @@ from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
 from airflow_provider_ppio.hooks._deadline import DeadlineAdapter, deadline
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
+    Answer,
     ClientSettings,
     Failure,
+    decode_answer,
     error_chain,
-    interpret_response,
     request_headers,
     timeout_error,
     too_large,
@@ -70,16 +71,10 @@ def send(
         raise timeout_error(where, settings)
     if isinstance(outcome, PPIOError):
         raise outcome  # raised here, outside any handler: the library's exception does not ride along
-    status, headers, body = outcome
-    return interpret_response(
-        method=method,
-        path=path,
-        status=status,
-        headers=headers,
-        body=body,
-        secret=settings.secret,
-        allow_empty=allow_empty,
-    )
+    decoded = decode_answer(outcome, method=method, path=path, secret=settings.secret, allow_empty=allow_empty)
+    if isinstance(decoded, PPIOError):
+        raise decoded
+    return decoded
 
 
 def _exchange(
@@ -91,7 +86,7 @@ def _exchange(
     params: Mapping[str, Any] | None,
     json: Any,
     max_bytes: int,
-) -> tuple[int, Mapping[str, str], bytes] | PPIOError:
+) -> Answer | PPIOError:
     """
     Send one request and read its answer whole, under the caller's :func:`deadline`; a failure is returned, not
     raised, so that the error the caller raises carries no library exception (whose text or frames may hold
@@ -118,11 +113,11 @@ def _exchange(
     response.request = sent
     with response:
         try:
-            return response.status_code, response.headers, _read_body(response, where, max_bytes)
+            return Answer(response.status_code, response.headers, _read_body(response, where, max_bytes))
         except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as err:
             return undecodable(where, response.headers, err, settings.secret)
-        except PPIOError as err:
-            return err
+        except PPIOError as err:  # too large: without _read_body's frame, whose locals hold the body
+            return err.with_traceback(None)
         except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as err:
             # Reading the raw stream raises urllib3's errors (a reset or cut-off body), not requests'.
             return _transport_error(where, settings, err)

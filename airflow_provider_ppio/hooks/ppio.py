@@ -179,8 +179,10 @@ class PPIOHook(BaseHook):
         """
         path = prewarm_task_path(task_id)
         patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
-        answer = self.request("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES)
-        return _the_task_asked_for(task_id, answer, self.settings.secret)
+        # The answer is never a local here: a traceback printed with locals must not show what the server sent.
+        return _the_task_asked_for(
+            task_id, self.request("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES), self.settings.secret
+        )
 
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
@@ -189,9 +191,11 @@ class PPIOHook(BaseHook):
         path = prewarm_task_path(task_id)
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
-        answer = await self.arequest("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES)
-        # Read again: a 401 during the call may have switched to a rotated key, the one the answer could echo.
-        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).secret)
+        # Not a local: see get_prewarm_task. The settings are read again after the call: a 401 during it may
+        # have switched to a rotated key, the one the answer could echo.
+        return await _the_async_task_asked_for(
+            task_id, await self.arequest("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES), self
+        )
 
     def create_prewarm_task(
         self,
@@ -500,6 +504,15 @@ class _Walk:
         return {**params, "cursor": cursor}
 
 
+async def _the_async_task_asked_for(task_id: str, answer: Any, hook: PPIOHook) -> PrewarmTask:
+    secret = (await hook.aget_settings()).secret
+    try:
+        return _the_task_asked_for(task_id, answer, secret)
+    except PPIOBadResponseError as err:
+        del answer
+        raise err.with_traceback(None) from None
+
+
 def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
     """
     Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
@@ -508,5 +521,6 @@ def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> Prewarm
     task = PrewarmTask.from_api(answer)
     if task.task_id != task_id:
         returned = server_text(repr(task.task_id), secret)
+        del answer, task  # a traceback printed with locals must not show what the server sent
         raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
     return task
