@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import heapq
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -126,6 +127,25 @@ class _Watchdog:
                 heapq.heappop(self._heap)
                 _cut(*self._armed.pop(key))
 
+
+class _NoServerHeaders(logging.Filter):
+    """
+    urllib3 logs the raw header text it could not parse, which a hostile server can make the API key; for our
+    requests (inside :func:`deadline`) the line keeps the URL and drops the text and its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _CURRENT.get() is not None and str(record.msg).startswith("Failed to parse headers"):
+            url = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "Failed to parse headers (url=%s): the server sent malformed headers (not quoted)"
+            record.args = (url,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# urllib3 2 logs it from ``urllib3.connection``, 1.26 from ``urllib3.connectionpool``.
+for _name in ("urllib3.connection", "urllib3.connectionpool"):
+    logging.getLogger(_name).addFilter(_NoServerHeaders())
 
 _WATCHDOG = _Watchdog()
 # A forked child (task runners are forked) has no watchdog thread and maybe a lock held by it: start afresh.

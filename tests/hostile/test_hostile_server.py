@@ -474,3 +474,27 @@ def test_an_overlong_cursor_is_a_bad_response(serve: Callable[..., HostileServer
     serve(_send(response(200, json_body(page))))
     _, err, _ = _walk(mode)
     assert isinstance(err, PPIOBadResponseError) and "cursor of 5000 characters" in str(err), repr(err)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"HTTP/1.1 200 OK\r\nX: y\r\n{KEY}\r\nContent-Length: 2\r\n\r\n{{}}",
+        f"HTTP/1.1 200 OK\r\n {KEY}\r\nX: y\r\nContent-Length: 2\r\n\r\n{{}}",
+    ],
+    ids=["header-without-colon", "continuation-line"],
+)
+def test_headers_urllib3_cannot_parse_are_not_logged(
+    serve: Callable[..., HostileServer],
+    answer: str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    serve(_send(answer.encode()))
+    _, err, _ = get_task("sync")
+    assert isinstance(err, PPIOError)
+    captured = capsys.readouterr()
+    assert not leaks(caplog.text + captured.out + captured.err)
