@@ -10,6 +10,7 @@ The target (issue 23) is a peak of at most 20 times the cap per answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "hostile"))
-from hostile_server import HostileServer, response  # noqa: E402
+from hostile_server import HostileServer, response
 
 KEY = "sk_memory_benchmark_key_0123456789"
 
@@ -65,10 +66,8 @@ def measure(label: str, cap: int, body: bytes, call: Callable[[], Any]) -> None:
         {"conn_type": "ppio", "host": server.base_url, "password": KEY, "extra": {"max_attempts": 1}}
     )
     try:
-        try:
+        with contextlib.suppress(Exception):  # the refused answers
             call()  # warm up: imports, connection lookups
-        except Exception:  # the refused answers
-            pass
         gc.collect()
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         tracemalloc.start()
