@@ -168,17 +168,24 @@ class PrewarmTaskTrigger(BaseTrigger):
         return self._event(EVENT_TIMEOUT, message, last_status=last_status)
 
     def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
-        message = scrub(message, self._secret) or ""
         payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
         if task is not None:
             payload["task"] = task.to_xcom()
         payload.update(fields)
-        return payload
+        # Airflow 3 stores the event in the database: a key the server echoed anywhere in it (a message, a field
+        # of the task) is scrubbed in every form.
+        scrubbed: dict[str, Any] = _scrubbed(payload, self._secret)
+        return scrubbed
 
     def _failed_event(self, task: PrewarmTask) -> dict[str, Any]:
-        payload = self._event(EVENT_FAILED, task.status.message, task=task)
-        payload.update(error=task.status.error, reason=task.reasons, summary=task.failure_summary())
-        return payload
+        return self._event(
+            EVENT_FAILED,
+            task.status.message,
+            task=task,
+            error=task.status.error,
+            reason=task.reasons,
+            summary=task.failure_summary(),
+        )
 
     def _error_event(self, err: Exception) -> dict[str, Any]:
         return self._event(
@@ -187,6 +194,19 @@ class PrewarmTaskTrigger(BaseTrigger):
             error_type=type(err).__name__,
             http_status=err.http_status if isinstance(err, PPIOError) else None,
         )
+
+
+def _scrubbed(value: Any, secret: SecretStr | None) -> Any:
+    """``value`` (JSON data, nested a few levels) with the key scrubbed from every string in it."""
+    if secret is None:
+        return value
+    if isinstance(value, str):
+        return scrub(value, secret)
+    if isinstance(value, dict):
+        return {key: _scrubbed(item, secret) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item, secret) for item in value]
+    return value
 
 
 def error_from_event(event: dict[str, Any], message: str) -> PPIOError:

@@ -498,3 +498,14 @@ def test_headers_urllib3_cannot_parse_are_not_logged(
     assert isinstance(err, PPIOError)
     captured = capsys.readouterr()
     assert not leaks(caplog.text + captured.out + captured.err)
+
+
+@pytest.mark.parametrize("state", ["succeeded", "failed"])
+def test_a_key_echoed_in_a_task_field_is_not_in_the_trigger_event(
+    serve: Callable[..., HostileServer], state: str
+) -> None:
+    echoed = task(note=f"key {KEY}", status={"status": state, "message": f"m {_json_escaped(KEY)}", "error": KEY})
+    serve(_send(response(200, json_body(echoed))))
+    event = trigger_event()
+    assert event["status"] == ("success" if state == "succeeded" else "failed"), event
+    assert not leaks(json.dumps(event)), event
