@@ -129,11 +129,14 @@ def _read_body(response: requests.Response, where: str, max_bytes: int) -> bytes
     watchdog, which cuts the socket: a trickling body, trailer or gzip header cannot stall the call.
     """
     raw = response.raw
-    # read1 returns what has arrived (urllib3 2); urllib3 1.26 has only read. Both decode when asked.
-    read = getattr(raw, "read1", raw.read)
+    # read1 returns what has arrived (urllib3 2, whose decoders bound what one read may inflate to); urllib3 1.26
+    # has only read, and inflates whatever it read at once: small reads there keep a gzip bomb's first step small
+    # (deflate inflates at most about 1,000 to 1).
+    read1 = getattr(raw, "read1", None)
+    read, amount = (read1, 65536) if read1 is not None else (raw.read, 1024)
     body = bytearray()
     while True:
-        chunk = read(65536, decode_content=True)
+        chunk = read(amount, decode_content=True)
         if not chunk:
             return bytes(body)
         body += chunk
