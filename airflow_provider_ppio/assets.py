@@ -110,8 +110,12 @@ def prewarm_asset_extra(details: Mapping[str, Any] | PrewarmTask) -> dict[str, A
     extra = {name: data[name] for name in ASSET_EXTRA_FIELDS if data.get(name) is not None}
     completed = data.get("completed_at")
     if isinstance(completed, int) and not isinstance(completed, bool) and completed > 0:
-        when = datetime.datetime.fromtimestamp(completed, tz=datetime.UTC)
-        extra["completed_at_iso"] = when.isoformat()
+        try:
+            when = datetime.datetime.fromtimestamp(completed, tz=datetime.UTC)
+        except (OverflowError, OSError, ValueError):  # not a time in seconds: the prewarm still succeeded
+            _log.warning("completed_at=%.40s is not a Unix time in seconds; no completed_at_iso", completed)
+        else:
+            extra["completed_at_iso"] = when.isoformat()
     return extra
 
 

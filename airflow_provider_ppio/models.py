@@ -8,10 +8,12 @@ fields, a missing ``task_id`` or ``status``).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
 from airflow_provider_ppio.status import (
@@ -24,11 +26,23 @@ from airflow_provider_ppio.status import (
     PrewarmTaskState as PrewarmTaskState,
 )
 from airflow_provider_ppio.status import (
+    clip,
+)
+from airflow_provider_ppio.status import (
     log_waiting as log_waiting,
 )
 from airflow_provider_ppio.status import (
     outcome_of as outcome_of,
 )
+
+#: Latest Unix time (seconds) accepted in ``created_at`` / ``completed_at``: the end of the year 9999, the last
+#: instant ``datetime`` can show. A larger value (milliseconds, say) is not a time in seconds.
+MAX_UNIX_SECONDS = 253_402_300_799
+#: Largest ``image_size`` accepted, in bytes (1 PiB): no container image comes near it.
+MAX_IMAGE_SIZE = 2**50
+_INTEGER_BOUNDS = {"created_at": MAX_UNIX_SECONDS, "completed_at": MAX_UNIX_SECONDS, "image_size": MAX_IMAGE_SIZE}
+
+_log = logging.getLogger(__name__)
 
 
 class _ApiModel(BaseModel):
@@ -106,6 +120,27 @@ class PrewarmTask(_ApiModel):
     def _single_string_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("image_size", "created_at", "completed_at", mode="before")
+    @classmethod
+    def _sane_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """
+        A number outside its sane range (negative, a time past the year 9999 in seconds, such as milliseconds)
+        counts as not reported (0), with a warning: it must not fail a prewarm that succeeded, nor reach a
+        watermark or an asset event's extra.
+        """
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value
+        bound = _INTEGER_BOUNDS[str(info.field_name)]
+        if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= bound:
+            shown = (
+                f"a {value.bit_length()}-bit integer" if isinstance(value, int) and value.bit_length() > 64 else value
+            )
+            _log.warning(
+                "The API sent %s=%s, outside 0..%d; treating it as not reported", info.field_name, clip(shown), bound
+            )
+            return 0
+        return value
+
     @property
     def state(self) -> PrewarmTaskState | None:
         """The documented state, or None when the API sent a value this provider does not know."""
@@ -123,13 +158,13 @@ class PrewarmTask(_ApiModel):
 
     def failure_summary(self) -> str:
         """One line with the task id, the API's error, message and reasons."""
-        parts = [f"PPIO prewarm task {self.task_id!r} failed"]
+        parts = [f"PPIO prewarm task {clip(self.task_id)!r} failed"]
         if self.status.error:
-            parts.append(f"error: {self.status.error}")
+            parts.append(f"error: {clip(self.status.error)}")
         if self.status.message:
-            parts.append(f"message: {self.status.message}")
+            parts.append(f"message: {clip(self.status.message, 1000)}")
         if self.reasons:
-            parts.append("reasons: " + "; ".join(self.reasons))
+            parts.append("reasons: " + clip("; ".join(self.reasons), 1000))
         return " | ".join(parts)
 
     def to_xcom(self) -> dict[str, Any]:

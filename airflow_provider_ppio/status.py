@@ -33,6 +33,21 @@ class Outcome(enum.StrEnum):
 
 TERMINAL_STATES = frozenset({PrewarmTaskState.SUCCEEDED, PrewarmTaskState.FAILED})
 
+#: Most characters of one server-provided value quoted in a log line or a message.
+QUOTE_LIMIT = 200
+
+
+def clip(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """
+    ``value`` as text cut to ``limit`` characters, for quoting what the server sent in a log line or a message
+    (a status value of megabytes must not write megabytes of log on every poll).
+
+    :param value: A server-provided value (usually a string).
+    :param limit: Longest result, in characters.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def outcome_of(status: str) -> Outcome:
     """
@@ -63,9 +78,9 @@ def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
     if task.state is None:
         log.warning(
             "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
-            task.task_id,
-            task.status.status,
+            clip(task.task_id),
+            clip(task.status.status),
             detail,
         )
     else:
-        log.info("Prewarm task %s is %s%s", task.task_id, task.status.status, detail)
+        log.info("Prewarm task %s is %s%s", clip(task.task_id), task.status.status.strip(), detail)

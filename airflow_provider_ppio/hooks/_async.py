@@ -28,14 +28,15 @@ from aiohttp.http_exceptions import ContentEncodingError
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import mask_secret
 
-from airflow_provider_ppio.exceptions import PPIOTransportError
+from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
+    Answer,
     ClientSettings,
     ConnectionFields,
     Failure,
     TLSSettings,
-    interpret_response,
+    decode_answer,
     request_headers,
     timeout_error,
     too_large,
@@ -59,45 +60,68 @@ async def send(
     params: Mapping[str, Any] | None,
     json: Any,
     allow_empty: bool,
+    max_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
-    """One attempt on a session leased from :data:`SHARED_SESSIONS`, bounded as a whole by :func:`_timeouts`."""
+    """
+    One attempt on a session leased from :data:`SHARED_SESSIONS`, bounded as a whole by :func:`_timeouts`.
+
+    :param max_bytes: The most body bytes read (decoded); a longer answer is a bad response.
+    """
+    outcome = await _exchange(session, settings, method, path, params=params, json=json, max_bytes=max_bytes)
+    if isinstance(outcome, PPIOError):
+        raise outcome  # raised here, outside any handler: the library's exception does not ride along
+    decoded = decode_answer(outcome, method=method, path=path, secret=settings.secret, allow_empty=allow_empty)
+    if isinstance(decoded, PPIOError):
+        raise decoded
+    return decoded
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    settings: ClientSettings,
+    method: str,
+    path: str,
+    *,
+    params: Mapping[str, Any] | None,
+    json: Any,
+    max_bytes: int,
+) -> Answer | PPIOError:
+    """
+    Send one request and read its answer whole; a failure is returned, not raised, so that the error the caller
+    raises carries no library exception (aiohttp's parser errors quote what the server sent, and its response
+    errors hold the request's headers).
+    """
     where = f"{method} {path}"
-    headers: Any = request_headers(settings, json_body=json is not None)
+    headers: Mapping[str, str] = {}
     try:
+        # The request headers are built inside the call: no frame of this module holds the Authorization header.
         async with session.request(
             method,
             settings.base_url + path,
             params=params,
             json=json,
-            headers=headers,
+            headers=request_headers(settings, json_body=json is not None),
             allow_redirects=False,
             proxy=settings.proxy,
             timeout=_timeouts(settings.timeout, settings.connect_timeout),
         ) as response:
+            headers = response.headers
             body = bytearray()
             async for chunk in response.content.iter_chunked(65536):
                 body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise too_large(where)
+                if len(body) > max_bytes:
+                    return too_large(where, max_bytes)
+            return Answer(response.status, headers, bytes(body))
     except aiohttp.ConnectionTimeoutError as err:  # connecting, or queueing for a connection: never sent
-        raise _transport_error(where, settings, err) from None
+        return _transport_error(where, settings, err)
     except TimeoutError:
-        raise timeout_error(where, settings) from None
+        return timeout_error(where, settings)
     except aiohttp.ClientPayloadError as err:
         if isinstance(err.__cause__, ContentEncodingError):  # not what its Content-Encoding says: not a network fault
-            raise undecodable(where, response.headers, err) from None
-        raise _transport_error(where, settings, err) from None
-    except (aiohttp.ClientError, OSError) as err:
-        raise _transport_error(where, settings, err) from None
-    return interpret_response(
-        method=method,
-        path=path,
-        status=response.status,
-        headers=response.headers,
-        body=bytes(body),
-        secret=settings.secret,
-        allow_empty=allow_empty,
-    )
+            return undecodable(where, headers, err, settings.secret)
+        return _transport_error(where, settings, err)
+    except (aiohttp.ClientError, OSError, ValueError) as err:  # ValueError: aiohttp's parser on some bad answers
+        return _transport_error(where, settings, err)
 
 
 @functools.lru_cache(maxsize=16)

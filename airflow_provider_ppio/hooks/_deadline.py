@@ -1,11 +1,12 @@
 """
-A total deadline for the sync transport's wait for response headers.
+A total deadline for one sync request: headers, body, trailers and decompression.
 
-``requests`` only knows per-read timeouts: a server that sends one header byte every second never
-trips them, and the call would never end. Connections made through :class:`DeadlineAdapter` start a
-watchdog while they wait for the headers; at the deadline it shuts the socket down, which ends the
-blocked read, and :attr:`Deadline.fired` tells the hook to report a timeout. The body has its own
-deadline check in the hook.
+``requests`` only knows per-read timeouts: a server that sends one header byte every second (or one
+body byte, one trailer byte, one byte of a gzip header's comment field) never trips them, and the call
+would never end. Connections made through :class:`DeadlineAdapter` arm a watchdog when they start
+waiting for the headers, and it stays armed until the :func:`deadline` block ends, so the body is read
+under it too. At the deadline it shuts the socket down, which ends the blocked read, and
+:attr:`Deadline.fired` tells the hook to report a timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import contextvars
 import heapq
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -29,7 +31,7 @@ from urllib3.poolmanager import PoolManager, ProxyManager
 
 class Deadline:
     """
-    The monotonic time by which one attempt must have its response headers.
+    The monotonic time by which one attempt must have its whole answer.
 
     :param at: ``time.monotonic()`` value of the deadline.
     """
@@ -37,6 +39,8 @@ class Deadline:
     def __init__(self, at: float) -> None:
         self.at = at
         self.fired = False
+        #: The watchdog entries armed for this deadline, disarmed when its block ends.
+        self.keys: list[int] = []
 
 
 _CURRENT: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("ppio_deadline", default=None)
@@ -55,6 +59,8 @@ def deadline(at: float) -> Iterator[Deadline]:
         yield current
     finally:
         _CURRENT.reset(token)
+        for key in current.keys:
+            _WATCHDOG.disarm(key)
 
 
 def _cut(current: Deadline, sock: socket.socket) -> None:
@@ -101,7 +107,7 @@ class _Watchdog:
             return key
 
     def disarm(self, key: int) -> None:
-        """Forget a deadline (the headers arrived, or the request failed)."""
+        """Forget a deadline (the answer was read, or the request failed)."""
         with self._lock:
             self._armed.pop(key, None)
 
@@ -122,6 +128,25 @@ class _Watchdog:
                 _cut(*self._armed.pop(key))
 
 
+class _NoServerHeaders(logging.Filter):
+    """
+    urllib3 logs the raw header text it could not parse, which a hostile server can make the API key; for our
+    requests (inside :func:`deadline`) the line keeps the URL and drops the text and its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _CURRENT.get() is not None and str(record.msg).startswith("Failed to parse headers"):
+            url = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "Failed to parse headers (url=%s): the server sent malformed headers (not quoted)"
+            record.args = (url,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# urllib3 2 logs it from ``urllib3.connection``, 1.26 from ``urllib3.connectionpool``.
+for _name in ("urllib3.connection", "urllib3.connectionpool"):
+    logging.getLogger(_name).addFilter(_NoServerHeaders())
+
 _WATCHDOG = _Watchdog()
 # A forked child (task runners are forked) has no watchdog thread and maybe a lock held by it: start afresh.
 os.register_at_fork(after_in_child=_WATCHDOG.reset)
@@ -135,11 +160,9 @@ class _DeadlineMixin:
         sock = self.sock
         if current is None or sock is None:
             return super().getresponse()  # type: ignore[misc]
-        key = _WATCHDOG.arm(current, sock)
-        try:
-            return super().getresponse()  # type: ignore[misc]
-        finally:
-            _WATCHDOG.disarm(key)
+        # Armed until the deadline's block ends (see the module docstring), not only for the headers.
+        current.keys.append(_WATCHDOG.arm(current, sock))
+        return super().getresponse()  # type: ignore[misc]
 
 
 class _HTTPConnection(_DeadlineMixin, HTTPConnection):
@@ -162,7 +185,7 @@ _POOL_CLASSES: dict[str, type[HTTPConnectionPool]] = {"http": _HTTPConnectionPoo
 
 
 class DeadlineAdapter(HTTPAdapter):
-    """An ``HTTPAdapter`` whose connections honour :func:`deadline` while waiting for headers."""
+    """An ``HTTPAdapter`` whose connections honour :func:`deadline` from the headers to the end of the body."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         """Build the pool manager with deadline-aware connection pools."""

@@ -6,6 +6,7 @@ headers, and how an answer or a transport failure becomes a typed error. The ret
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 import math
@@ -31,6 +32,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOBadRequestError,
     PPIOBadResponseError,
     PPIOConnectionConfigError,
+    PPIOError,
     PPIOInvalidInputError,
     PPIONotFoundError,
     PPIOQuotaExceededError,
@@ -45,8 +47,16 @@ from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_BAS
 from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
 
 PREWARM_TASKS_PATH = "/gpus/v2/prewarm-tasks"
-#: No prewarm answer comes near this; a larger body is refused rather than read into memory.
+#: Largest answer read from any path (the generic ``get``/``request``); a larger body is refused, not read.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Largest answer about one task (read, create, delete). A real task is under 2 KB; its free-text fields
+#: (note, message, reasons) would need to be 100 times longer than anything seen to come near this.
+TASK_BODY_MAX_BYTES = 256 * 1024
+#: Largest page of the task list. The API returns at most 1,000 tasks a page (the ``limit`` bound);
+#: 1,000 tasks of 2 KB are 2 MB, so this leaves twice that.
+LIST_PAGE_MAX_BYTES = 4 * 1024 * 1024
+#: Deepest JSON nesting accepted in an answer. Real answers nest 4 deep (page, list, task, status).
+MAX_JSON_DEPTH = 32
 #: Environment variables that name a CA bundle, in the order they win (requests' order, then OpenSSL's).
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 
@@ -483,6 +493,44 @@ def request_headers(settings: ClientSettings, *, json_body: bool) -> dict[str, s
 # -- answers ---------------------------------------------------------------------------------------
 
 
+class Answer:
+    """
+    A complete HTTP answer as a transport read it. Its ``repr`` shows neither header values nor the body: a
+    traceback printed with its frames' locals must not show what the server echoed (the key, say).
+
+    :param status: HTTP status code.
+    :param headers: Response headers (case-insensitive mapping).
+    :param body: The whole (decoded) body.
+    """
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def __repr__(self) -> str:
+        return f"<Answer HTTP {self.status}, {len(self.body)} bytes>"
+
+
+def decode_answer(answer: Answer, *, method: str, path: str, secret: SecretStr, allow_empty: bool) -> Any:
+    """
+    :func:`interpret_response` for an :class:`Answer`; the error it stands for is returned, not raised, and
+    without the frames (and their locals, which hold the answer) it was built in. The caller raises it.
+    """
+    try:
+        return interpret_response(
+            method=method,
+            path=path,
+            status=answer.status,
+            headers=answer.headers,
+            body=answer.body,
+            secret=secret,
+            allow_empty=allow_empty,
+        )
+    except PPIOError as err:
+        return err.with_traceback(None)
+
+
 def interpret_response(
     *,
     method: str,
@@ -517,15 +565,46 @@ def interpret_response(
         if allow_empty:
             return {}
         raise PPIOBadResponseError(f"{where}: HTTP {status} with an empty body", status_code=status)
+    failure: PPIOBadResponseError | None = None
     try:
-        return json.loads(body)
+        return checked_depth(json.loads(body))
     except (UnicodeDecodeError, ValueError):
-        content_type = headers.get("Content-Type", "") or "no Content-Type"
-        raise PPIOBadResponseError(
-            f"{where}: HTTP {status} with a body that is not JSON ({content_type}): "
-            f"{snippet(scrub(body.decode('utf-8', 'replace'), secret) or '')!r}",
+        content_type = server_text(headers.get("Content-Type", ""), secret, 100) or "no Content-Type"
+        failure = PPIOBadResponseError(
+            f"{where}: HTTP {status} with a body that is not JSON ({content_type}): {server_text(body, secret)!r}",
             status_code=status,
-        ) from None
+        )
+    except RecursionError:
+        failure = PPIOBadResponseError(
+            f"{where}: HTTP {status} with JSON nested deeper than {MAX_JSON_DEPTH} levels", status_code=status
+        )
+    raise failure  # outside the handler: no library exception (and its text) rides along as __context__
+
+
+def checked_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> Any:
+    """
+    ``value`` unchanged if its containers nest at most ``limit`` deep; else raise ``RecursionError``.
+
+    Checked without recursion, so that nothing later (pydantic, XCom and trigger event serialization, logging)
+    meets a structure deep enough to exhaust the interpreter's stack.
+
+    :param value: Decoded JSON.
+    :param limit: Deepest nesting allowed.
+    """
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise RecursionError(f"JSON nested deeper than {limit} levels")
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, (dict, list))
+        ]
+    return value
 
 
 _ERROR_CLASSES: dict[int, type[PPIOAPIError]] = {
@@ -613,8 +692,8 @@ def _parse_error_body(body: bytes, secret: SecretStr) -> tuple[str | None, str |
     if not text:
         return None, None
     try:
-        payload = json.loads(text)
-    except ValueError:
+        payload = checked_depth(json.loads(text))
+    except (ValueError, RecursionError):  # too deep: still the error its status says (a 5xx stays transient)
         return snippet(text), None
     if not isinstance(payload, dict):
         return snippet(text), None
@@ -630,7 +709,7 @@ def _parse_error_body(body: bytes, secret: SecretStr) -> tuple[str | None, str |
 def _first_text(secret: SecretStr, *candidates: Any) -> str | None:
     for candidate in candidates:
         if isinstance(candidate, str) and candidate.strip():
-            return snippet(scrub(candidate, secret) or "")  # JSON escapes may have hidden the key from the first scrub
+            return server_text(candidate, secret)  # JSON escapes may have hidden the key from the first scrub
         if isinstance(candidate, int) and not isinstance(candidate, bool):
             return str(candidate)
     return None
@@ -653,23 +732,71 @@ def _parse_retry_after(value: str | None) -> float | None:
     return None if math.isnan(seconds) else max(0.0, seconds)
 
 
-def snippet(text: str) -> str:
-    """Server text on one line, cut to a length fit for an error message (scrub the key first)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= 200 else flat[:197] + "..."
-
-
-def scrub(text: str | None, secret: SecretStr | None) -> str | None:
+def snippet(text: str, limit: int = 200) -> str:
     """
-    Replace the API key in text the server sent back.
+    Server text on one line, cut to a length fit for an error message (scrub the key first).
 
-    :param text: Text from the server.
+    :param text: The text.
+    :param limit: Longest result, in characters.
+    """
+    flat = " ".join(text[: 4 * limit].split())  # never split a huge text: only its start can be shown
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+#: What may sit between two characters of an echoed key without hiding it from a reader: whitespace (also
+#: JSON-, URL- and HTML-escaped) and the ``+`` of a form-encoded space.
+_KEY_GAP = (
+    r"(?:\s|\\[nrtfb]|\\u00(?:0[9aAbBcCdD]|20)|%(?:0[9aAbBcCdD]|20)"
+    r"|&#(?:x0*[9aAbBcCdD]|x0*20|0*(?:9|1[0-3]|32));?|\+)*"
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _key_pattern(key: str) -> re.Pattern[str]:
+    """
+    A pattern for ``key`` in every form a server could echo it in: exact or in another case, each character
+    as itself, JSON-escaped (``\\u0073``), URL-encoded (``%73``) or an HTML entity, with whitespace (escaped or
+    not) between characters.
+    """
+    forms = []
+    for char in key:
+        code = ord(char)
+        alternatives = [re.escape(char), rf"\\u{code:04x}", rf"&#0*{code};?", rf"&#x0*{code:x};?"]
+        if code < 0x80:
+            alternatives.append(f"%{code:02x}")
+        forms.append("(?:" + "|".join(alternatives) + ")")
+    return re.compile(_KEY_GAP.join(forms), re.IGNORECASE)
+
+
+def scrub(text: str | None, secret: SecretStr | str | None) -> str | None:
+    """
+    Replace the API key in text the server (or a library quoting the server) produced, in any of its forms.
+
+    :param text: Text from the server, or an error message that may quote it.
     :param secret: The API key.
     """
-    key = secret.get_secret_value() if secret is not None else ""
-    if text and key and key in text:
+    key = secret.get_secret_value() if isinstance(secret, SecretStr) else (secret or "")
+    if not text or not key:
+        return text
+    if len(key) < 4:  # too short to search for without erasing ordinary text; such a key is refused by the API
         return text.replace(key, "***")
-    return text
+    return _key_pattern(key).sub("***", text)
+
+
+def server_text(text: str | bytes | None, secret: SecretStr | str | None, limit: int = 200) -> str:
+    """
+    Server-provided text fit for a message: decoded, scrubbed of the key, on one line, cut to ``limit``.
+
+    :param text: Text or bytes from the server.
+    :param secret: The API key.
+    :param limit: Longest result, in characters.
+    """
+    if text is None:
+        return ""
+    # The whole text is scrubbed before the cut (answers are capped in size): a key whose parts lie on both
+    # sides of the cut must not leave its first part in the message.
+    raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    return snippet(scrub(raw, secret) or "", limit)
 
 
 # -- transport failures ----------------------------------------------------------------------------
@@ -703,7 +830,7 @@ def transport_error(
     :param settings: The client settings (base URL, timeout, TLS).
     :param err: What the library raised; its root cause is named.
     """
-    host, detail = settings.base_url, _root_cause(err)
+    host, detail = settings.base_url, _root_cause(err, settings.secret)
     if failure is Failure.TLS:
         return PPIOTLSError(
             f"{where}: the TLS handshake with {host} failed ({detail}). The CA setting used: "
@@ -727,11 +854,18 @@ def transport_error(
     )
 
 
-def _root_cause(err: BaseException) -> str:
-    """The innermost error's class and text, short (no headers, no key)."""
+def _root_cause(err: BaseException, secret: SecretStr) -> str:
+    """
+    The innermost error's class and text, short and scrubbed: parser errors quote what the server sent (a bad
+    status line, a header, a chunk size), which may be the key echoed back.
+    """
     seen = error_chain(err)[-1]
-    text = " ".join(str(seen).split())
-    return f"{type(seen).__name__}: {text[:200]}" if text else type(seen).__name__
+    try:
+        text = str(seen)
+    except Exception:  # a library error whose __str__ fails on what the server sent
+        text = ""
+    text = server_text(text, secret)
+    return f"{type(seen).__name__}: {text}" if text else type(seen).__name__
 
 
 #: Libraries whose errors wrap the one below them; another exception being handled when they were raised
@@ -775,14 +909,20 @@ def timeout_error(where: str, settings: ClientSettings) -> PPIOTimeoutError:
     return PPIOTimeoutError(f"{where}: no complete answer from {settings.base_url} within {settings.timeout:g}s")
 
 
-def too_large(where: str) -> PPIOBadResponseError:
-    """The body is over :data:`MAX_BODY_BYTES`."""
-    return PPIOBadResponseError(f"{where}: the answer is larger than {MAX_BODY_BYTES // 2**20} MiB")
+def too_large(where: str, limit: int = MAX_BODY_BYTES) -> PPIOBadResponseError:
+    """
+    The body is over the cap of its endpoint.
+
+    :param where: ``METHOD path``.
+    :param limit: The cap, in bytes.
+    """
+    size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 2**10} KiB"
+    return PPIOBadResponseError(f"{where}: the answer is larger than {size}, the most this call reads")
 
 
-def undecodable(where: str, headers: Mapping[str, str], err: BaseException) -> PPIOBadResponseError:
+def undecodable(where: str, headers: Mapping[str, str], err: BaseException, secret: SecretStr) -> PPIOBadResponseError:
     """The body does not decode as its ``Content-Encoding`` says (a broken proxy or server, not a network fault)."""
-    encoding = snippet(headers.get("Content-Encoding", "") or "none")
+    encoding = server_text(headers.get("Content-Encoding", ""), secret, 100) or "none"
     return PPIOBadResponseError(
-        f"{where}: the answer's body could not be decoded (Content-Encoding: {encoding}): {_root_cause(err)}"
+        f"{where}: the answer's body could not be decoded (Content-Encoding: {encoding}): {_root_cause(err, secret)}"
     )

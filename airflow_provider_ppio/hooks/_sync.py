@@ -1,13 +1,14 @@
 """
 The sync transport: ``requests`` with one keep-alive session per hook.
 
-Every attempt is bounded as a whole (headers by :mod:`._deadline`'s watchdog, the body by a clock
-check while reading), redirects are never followed, and every library exception becomes a typed
-:class:`~airflow_provider_ppio.exceptions.PPIOError`.
+Every attempt is bounded as a whole by :mod:`._deadline`'s watchdog (headers, body, trailers and
+decompression), its answer in size by a cap per endpoint; redirects are never followed, and every library
+exception becomes a typed :class:`~airflow_provider_ppio.exceptions.PPIOError`.
 """
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import time
@@ -17,14 +18,15 @@ from typing import Any
 import requests
 import urllib3
 
-from airflow_provider_ppio.exceptions import PPIOTransportError
+from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
 from airflow_provider_ppio.hooks._deadline import DeadlineAdapter, deadline
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
+    Answer,
     ClientSettings,
     Failure,
+    decode_answer,
     error_chain,
-    interpret_response,
     request_headers,
     timeout_error,
     too_large,
@@ -55,65 +57,91 @@ def send(
     params: Mapping[str, Any] | None,
     json: Any,
     allow_empty: bool,
+    max_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
-    """One attempt on the hook's session: send, read the whole body within the timeout, decode it or raise."""
+    """
+    One attempt on the hook's session: send, read the whole body within the timeout, decode it or raise.
+
+    :param max_bytes: The most body bytes read (decoded); a longer answer is a bad response.
+    """
     where = f"{method} {path}"
-    at = time.monotonic() + settings.timeout
-    try:
-        with deadline(at) as watchdog:
-            response = session.request(
-                method,
-                settings.base_url + path,
-                params=params,
-                json=json,
-                headers=request_headers(settings, json_body=json is not None),
-                timeout=(settings.connect_timeout, settings.timeout),
-                stream=True,
-                allow_redirects=False,
-            )
-    except requests.RequestException as err:
-        if watchdog.fired:
-            raise timeout_error(where, settings) from None
-        raise _transport_error(where, settings, err) from None
-    if watchdog.fired:  # the cut connection may look like a complete (empty) answer
-        response.close()
+    with deadline(time.monotonic() + settings.timeout) as watchdog:
+        outcome = _exchange(session, settings, method, path, params=params, json=json, max_bytes=max_bytes)
+    if watchdog.fired:  # the cut connection may look like an error, or like a complete (short) answer
         raise timeout_error(where, settings)
+    if isinstance(outcome, PPIOError):
+        raise outcome  # raised here, outside any handler: the library's exception does not ride along
+    decoded = decode_answer(outcome, method=method, path=path, secret=settings.secret, allow_empty=allow_empty)
+    if isinstance(decoded, PPIOError):
+        raise decoded
+    return decoded
+
+
+def _exchange(
+    session: requests.Session,
+    settings: ClientSettings,
+    method: str,
+    path: str,
+    *,
+    params: Mapping[str, Any] | None,
+    json: Any,
+    max_bytes: int,
+) -> Answer | PPIOError:
+    """
+    Send one request and read its answer whole, under the caller's :func:`deadline`; a failure is returned, not
+    raised, so that the error the caller raises carries no library exception (whose text or frames may hold
+    what the server sent, or the request's headers).
+    """
+    where = f"{method} {path}"
+    try:
+        # The headers are built inside the call: no frame of this module holds the Authorization header.
+        response = session.request(
+            method,
+            settings.base_url + path,
+            params=params,
+            json=json,
+            headers=request_headers(settings, json_body=json is not None),
+            timeout=(settings.connect_timeout, settings.timeout),
+            stream=True,
+            allow_redirects=False,
+        )
+    except requests.RequestException as err:
+        return _transport_error(where, settings, err)
+    # The sent request stays reachable from the response (and so from any frame that holds it): drop the key.
+    sent = response.request.copy()  # a copy: the request object itself may be recorded elsewhere (tests)
+    sent.headers.pop("Authorization", None)
+    response.request = sent
     with response:
         try:
-            body = _read_body(response, at, where, settings)
+            return Answer(response.status_code, response.headers, _read_body(response, where, max_bytes))
         except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as err:
-            raise undecodable(where, response.headers, err) from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as err:
+            return undecodable(where, response.headers, err, settings.secret)
+        except PPIOError as err:  # too large: without _read_body's frame, whose locals hold the body
+            return err.with_traceback(None)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as err:
             # Reading the raw stream raises urllib3's errors (a reset or cut-off body), not requests'.
-            raise _transport_error(where, settings, err) from None
-        return interpret_response(
-            method=method,
-            path=path,
-            status=response.status_code,
-            headers=response.headers,
-            body=body,
-            secret=settings.secret,
-            allow_empty=allow_empty,
-        )
+            return _transport_error(where, settings, err)
 
 
-def _read_body(response: requests.Response, at: float, where: str, settings: ClientSettings) -> bytes:
-    """Read and decode the whole body, bounded in size and in total time (a trickling server cannot stall us)."""
+def _read_body(response: requests.Response, where: str, max_bytes: int) -> bytes:
+    """
+    Read and decode the whole body (trailers included), bounded in size. Time is bounded by the deadline's
+    watchdog, which cuts the socket: a trickling body, trailer or gzip header cannot stall the call.
+    """
     raw = response.raw
-    # read1 returns what has arrived (urllib3 2); urllib3 1.26 has only read. Both decode when asked.
-    read = getattr(raw, "read1", raw.read)
-    chunks: list[bytes] = []
-    size = 0
+    # read1 returns what has arrived (urllib3 2, whose decoders bound what one read may inflate to); urllib3 1.26
+    # has only read, and inflates whatever it read at once: small reads there keep a gzip bomb's first step small
+    # (deflate inflates at most about 1,000 to 1).
+    read1 = getattr(raw, "read1", None)
+    read, amount = (read1, 65536) if read1 is not None else (raw.read, 1024)
+    body = bytearray()
     while True:
-        if time.monotonic() > at:
-            raise timeout_error(where, settings)
-        chunk = read(65536, decode_content=True)
+        chunk = read(amount, decode_content=True)
         if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large(where)
-        chunks.append(chunk)
+            return bytes(body)
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large(where, max_bytes)
 
 
 def _transport_error(where: str, settings: ClientSettings, err: Exception) -> PPIOTransportError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
@@ -24,15 +25,17 @@ from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its ol
 from airflow_provider_ppio.hooks import _async, _sync
 from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments, retry_async
 from airflow_provider_ppio.hooks._shared import (
+    LIST_PAGE_MAX_BYTES,
+    MAX_BODY_BYTES,
     PREWARM_TASKS_PATH,
+    TASK_BODY_MAX_BYTES,
     ClientSettings,
     ConnectionFields,
     Patience,
     check_api_path,
     is_loopback,
     prewarm_task_path,
-    scrub,
-    snippet,
+    server_text,
 )
 from airflow_provider_ppio.models import (
     CreatePrewarmTaskRequest,
@@ -44,6 +47,12 @@ from airflow_provider_ppio.models import (
 
 #: Ids per DELETE request (the API documents no limit; this keeps each body small).
 DELETE_BATCH_SIZE = 100
+#: Most pages one list walk reads before it stops with a ``PPIOBadResponseError`` (a paging API that hands
+#: out a new cursor forever would otherwise be walked without end). At the default 50 tasks a page this is
+#: 50,000 tasks; the account's quota keeps real lists far shorter.
+MAX_PAGES_PER_WALK = 1000
+#: Longest ``next_cursor`` accepted: it goes back into the next request's query string.
+MAX_CURSOR_LENGTH = 2048
 
 
 class PPIOHook(BaseHook):
@@ -182,7 +191,10 @@ class PPIOHook(BaseHook):
         """
         path = prewarm_task_path(task_id)
         patience = Patience(self.settings.unreachable_timeout, deadline) if patient else None
-        return _the_task_asked_for(task_id, self.request("GET", path, patience=patience), self.settings.secret)
+        # The answer is never a local here: a traceback printed with locals must not show what the server sent.
+        return _the_task_asked_for(
+            task_id, self.request("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES), self.settings.secret
+        )
 
     async def aget_prewarm_task(
         self, task_id: str, *, patient: bool = False, deadline: float | None = None
@@ -191,9 +203,11 @@ class PPIOHook(BaseHook):
         path = prewarm_task_path(task_id)
         settings = await self.aget_settings()
         patience = Patience(settings.unreachable_timeout, deadline) if patient else None
-        answer = await self.arequest("GET", path, patience=patience)
-        # Read again: a 401 during the call may have switched to a rotated key, the one the answer could echo.
-        return _the_task_asked_for(task_id, answer, (await self.aget_settings()).secret)
+        # Not a local: see get_prewarm_task. The settings are read again after the call: a 401 during it may
+        # have switched to a rotated key, the one the answer could echo.
+        return await _the_async_task_asked_for(
+            task_id, await self.arequest("GET", path, patience=patience, max_bytes=TASK_BODY_MAX_BYTES), self
+        )
 
     def create_prewarm_task(
         self,
@@ -221,7 +235,9 @@ class PPIOHook(BaseHook):
             image=image, region_id=region_id, product_ids=product_ids, registry_auth_id=registry_auth_id, note=note
         )
         payload = body.model_dump(exclude_none=True)
-        answer = self.request("POST", PREWARM_TASKS_PATH, json=payload, idempotent=False, allow_empty=True)
+        answer = self.request(
+            "POST", PREWARM_TASKS_PATH, json=payload, idempotent=False, allow_empty=True, max_bytes=TASK_BODY_MAX_BYTES
+        )
         return created_task_id(answer) or self._find_created_task(body)
 
     def _find_created_task(self, body: CreatePrewarmTaskRequest) -> str:
@@ -246,7 +262,11 @@ class PPIOHook(BaseHook):
         page_size: int = 50,
     ) -> Iterator[PrewarmTask]:
         """
-        Iterate over prewarm tasks, following ``next_cursor`` page by page.
+        Iterate over prewarm tasks, following ``next_cursor`` page by page; each task id is yielded once per walk
+        (pages shift while tasks are created, so the API may list a task twice).
+
+        A walk reads at most :data:`MAX_PAGES_PER_WALK` pages, then raises ``PPIOBadResponseError``; so does a
+        cursor the API already gave, or one longer than :data:`MAX_CURSOR_LENGTH`.
 
         :param status: Only tasks in this state (pending, running, succeeded, failed).
         :param region_id: Only tasks in this region.
@@ -255,11 +275,12 @@ class PPIOHook(BaseHook):
         """
         query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
         params: dict[str, Any] | None = query.model_dump(exclude_none=True)
-        seen_cursors: set[str] = set()
+        walk = _Walk(self.settings.secret)
         while params is not None:
-            page = PrewarmTaskPage.from_api(self.get(PREWARM_TASKS_PATH, params=params))
-            yield from page.data
-            params = _next_page(page, params, seen_cursors)
+            answer = self.request("GET", PREWARM_TASKS_PATH, params=params, max_bytes=LIST_PAGE_MAX_BYTES)
+            page = PrewarmTaskPage.from_api(answer)
+            yield from walk.new_tasks(page)
+            params = walk.next_page(page, params)
 
     async def alist_prewarm_tasks(
         self,
@@ -278,13 +299,15 @@ class PPIOHook(BaseHook):
         query = ListPrewarmTasksQuery.build(status=status, region_id=region_id, name=name, limit=page_size)
         params: dict[str, Any] | None = query.model_dump(exclude_none=True)
         patience = Patience((await self.aget_settings()).unreachable_timeout, None) if patient else None
-        seen_cursors: set[str] = set()
+        walk = _Walk((await self.aget_settings()).secret)
         while params is not None:
-            answer = await self.arequest("GET", PREWARM_TASKS_PATH, params=params, patience=patience)
+            answer = await self.arequest(
+                "GET", PREWARM_TASKS_PATH, params=params, patience=patience, max_bytes=LIST_PAGE_MAX_BYTES
+            )
             page = PrewarmTaskPage.from_api(answer)
-            for task in page.data:
+            for task in walk.new_tasks(page):
                 yield task
-            params = _next_page(page, params, seen_cursors)
+            params = walk.next_page(page, params)
 
     def delete_prewarm_tasks(self, task_ids: Sequence[str]) -> None:
         """
@@ -299,7 +322,9 @@ class PPIOHook(BaseHook):
             prewarm_task_path(task_id)  # same rules as everywhere else
         for start in range(0, len(ids), DELETE_BATCH_SIZE):
             batch = ids[start : start + DELETE_BATCH_SIZE]
-            self.request("DELETE", PREWARM_TASKS_PATH, json={"task_ids": batch}, allow_empty=True)
+            self.request(
+                "DELETE", PREWARM_TASKS_PATH, json={"task_ids": batch}, allow_empty=True, max_bytes=TASK_BODY_MAX_BYTES
+            )
 
     def test_connection(self) -> tuple[bool, str]:
         """
@@ -337,6 +362,7 @@ class PPIOHook(BaseHook):
         allow_empty: bool = False,
         patience: Patience | None = None,
         settings: ClientSettings | None = None,
+        max_bytes: int = MAX_BODY_BYTES,
     ) -> Any:
         """
         Call the API with the shared retry policy and return the decoded JSON body.
@@ -352,6 +378,7 @@ class PPIOHook(BaseHook):
         :param allow_empty: Accept an empty 2xx body (returned as ``{}``).
         :param patience: Retry transient errors by time (a wait) instead of ``max_attempts``.
         :param settings: Use these instead of the connection's (e.g. fewer attempts).
+        :param max_bytes: The longest answer read (the endpoint's cap); a longer one is a bad response.
         """
         check_api_path(path)
         for rotation in (False, True):
@@ -362,7 +389,14 @@ class PPIOHook(BaseHook):
                 for attempt in Retrying(**policy):
                     with attempt:
                         return _sync.send(
-                            self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
+                            self.session,
+                            current,
+                            method,
+                            path,
+                            params=params,
+                            json=json,
+                            allow_empty=allow_empty,
+                            max_bytes=max_bytes,
                         )
             except PPIOAuthError as err:
                 if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
@@ -381,6 +415,7 @@ class PPIOHook(BaseHook):
         idempotent: bool = True,
         allow_empty: bool = False,
         patience: Patience | None = None,
+        max_bytes: int = MAX_BODY_BYTES,
     ) -> Any:
         """Async :meth:`request`, on the process-wide ``aiohttp`` session shared by all hooks of the event loop."""
         check_api_path(path)
@@ -391,7 +426,15 @@ class PPIOHook(BaseHook):
             try:
                 async with _async.SHARED_SESSIONS.lease(settings) as session:
                     attempt = partial(
-                        _async.send, session, settings, method, path, params=params, json=json, allow_empty=allow_empty
+                        _async.send,
+                        session,
+                        settings,
+                        method,
+                        path,
+                        params=params,
+                        json=json,
+                        allow_empty=allow_empty,
+                        max_bytes=max_bytes,
                     )
                     return await retry_async(policy, attempt)
             except PPIOAuthError as err:
@@ -426,17 +469,59 @@ class PPIOHook(BaseHook):
         return True
 
 
-def _next_page(page: PrewarmTaskPage, params: dict[str, Any], seen_cursors: set[str]) -> dict[str, Any] | None:
-    """
-    The query for the page after ``page``, or None after the last one; a cursor the API already gave
-    (a paging loop that would never end) is a bad response.
-    """
-    if not page.has_more or not page.next_cursor:
-        return None
-    if page.next_cursor in seen_cursors:
-        raise PPIOBadResponseError(f"GET {PREWARM_TASKS_PATH}: the API returned cursor {page.next_cursor!r} twice")
-    seen_cursors.add(page.next_cursor)
-    return {**params, "cursor": page.next_cursor}
+class _Walk:
+    """What one list walk has seen: pages read, cursors given (as digests) and task ids yielded."""
+
+    def __init__(self, secret: SecretStr) -> None:
+        self.secret = secret
+        self.pages = 0
+        self.cursors: set[bytes] = set()
+        self.task_ids: set[str] = set()
+
+    def new_tasks(self, page: PrewarmTaskPage) -> list[PrewarmTask]:
+        """The tasks of ``page`` not yielded before in this walk (pages shift while tasks are created)."""
+        self.pages += 1
+        fresh = []
+        for task in page.data:
+            if task.task_id not in self.task_ids:
+                self.task_ids.add(task.task_id)
+                fresh.append(task)
+        return fresh
+
+    def next_page(self, page: PrewarmTaskPage, params: dict[str, Any]) -> dict[str, Any] | None:
+        """
+        The query for the page after ``page``, or None after the last one. A cursor the API already gave, an
+        overlong one, or a walk past :data:`MAX_PAGES_PER_WALK` pages is a bad response.
+        """
+        if not page.has_more or not page.next_cursor:
+            return None
+        where = f"GET {PREWARM_TASKS_PATH}"
+        cursor = page.next_cursor
+        if len(cursor) > MAX_CURSOR_LENGTH:
+            raise PPIOBadResponseError(
+                f"{where}: the API returned a cursor of {len(cursor)} characters (at most {MAX_CURSOR_LENGTH})"
+            )
+        digest = hashlib.blake2b(cursor.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if digest in self.cursors:
+            raise PPIOBadResponseError(
+                f"{where}: the API returned cursor {server_text(cursor, self.secret, 100)!r} twice"
+            )
+        if self.pages >= MAX_PAGES_PER_WALK:
+            raise PPIOBadResponseError(
+                f"{where}: the list went on past {MAX_PAGES_PER_WALK} pages ({len(self.task_ids)} tasks) with a new "
+                "cursor on every page; stopped (at most MAX_PAGES_PER_WALK pages are read in one walk)"
+            )
+        self.cursors.add(digest)
+        return {**params, "cursor": cursor}
+
+
+async def _the_async_task_asked_for(task_id: str, answer: Any, hook: PPIOHook) -> PrewarmTask:
+    secret = (await hook.aget_settings()).secret
+    try:
+        return _the_task_asked_for(task_id, answer, secret)
+    except PPIOBadResponseError as err:
+        del answer
+        raise err.with_traceback(None) from None
 
 
 def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
@@ -446,6 +531,7 @@ def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> Prewarm
     """
     task = PrewarmTask.from_api(answer)
     if task.task_id != task_id:
-        returned = snippet(scrub(repr(task.task_id), secret) or "")
+        returned = server_text(repr(task.task_id), secret)
+        del answer, task  # a traceback printed with locals must not show what the server sent
         raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
     return task

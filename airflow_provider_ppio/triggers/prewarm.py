@@ -18,12 +18,13 @@ from typing import Any, Final
 
 from airflow.providers.common.compat.sdk import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from pydantic import SecretStr
 
 from airflow_provider_ppio import exceptions
 from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import check_seconds
-from airflow_provider_ppio.hooks._shared import prewarm_task_path
+from airflow_provider_ppio.hooks._shared import prewarm_task_path, scrub
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
@@ -91,6 +92,8 @@ class PrewarmTaskTrigger(BaseTrigger):
         self.deadline = None if deadline is None else float(deadline)
         self.unreachable_timeout = None if unreachable_timeout is None else float(unreachable_timeout)
         self.delete_on_kill = bool(delete_on_kill)
+        #: The key, once read: scrubbed from every event's message (Airflow 3 stores events in the database).
+        self._secret: SecretStr | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
@@ -126,6 +129,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
         try:
             settings = await hook.aget_settings()
+            self._secret = settings.secret
         except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
             return self._error_event(err)
         async with SHARED_SESSIONS.lease(settings):
@@ -198,12 +202,20 @@ class PrewarmTaskTrigger(BaseTrigger):
         if task is not None:
             payload["task"] = task.to_xcom()
         payload.update(fields)
-        return payload
+        # Airflow 3 stores the event in the database: a key the server echoed anywhere in it (a message, a field
+        # of the task) is scrubbed in every form.
+        scrubbed: dict[str, Any] = _scrubbed(payload, self._secret)
+        return scrubbed
 
     def _failed_event(self, task: PrewarmTask) -> dict[str, Any]:
-        payload = self._event(EVENT_FAILED, task.status.message, task=task)
-        payload.update(error=task.status.error, reason=task.reasons, summary=task.failure_summary())
-        return payload
+        return self._event(
+            EVENT_FAILED,
+            task.status.message,
+            task=task,
+            error=task.status.error,
+            reason=task.reasons,
+            summary=task.failure_summary(),
+        )
 
     def _error_event(self, err: Exception) -> dict[str, Any]:
         return self._event(
@@ -212,6 +224,19 @@ class PrewarmTaskTrigger(BaseTrigger):
             error_type=type(err).__name__,
             http_status=err.http_status if isinstance(err, PPIOError) else None,
         )
+
+
+def _scrubbed(value: Any, secret: SecretStr | None) -> Any:
+    """``value`` (JSON data, nested a few levels) with the key scrubbed from every string in it."""
+    if secret is None:
+        return value
+    if isinstance(value, str):
+        return scrub(value, secret)
+    if isinstance(value, dict):
+        return {key: _scrubbed(item, secret) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item, secret) for item in value]
+    return value
 
 
 def error_from_event(event: dict[str, Any], message: str) -> PPIOError:

@@ -126,6 +126,58 @@ class FaultServer:
         while not self.stopping.wait(0.02):
             conn.sendall(b"a")
 
+    # -- hostile answers (issue 23): the key echoed back, trickles past the headers, deep JSON -----------------
+
+    #: The key a hostile behaviour echoes back (set by the scenario).
+    echo = ""
+
+    def echo_key_content_type(self, conn: socket.socket, head: bytes) -> None:
+        """A 200 that is not JSON, with the key in its ``Content-Type``."""
+        body = b"<html>gateway</html>"
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/html; echo=Bearer {self.echo}\r\nContent-Length: {len(body)}\r\n"
+        conn.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+
+    def echo_key_status_line(self, conn: socket.socket, head: bytes) -> None:
+        """A status line that is not HTTP: the key where the code should be."""
+        conn.sendall(f"HTTP/1.1 {self.echo} OK\r\nContent-Length: 0\r\n\r\n".encode())
+
+    def echo_key_chunk_size(self, conn: socket.socket, head: bytes) -> None:
+        """A chunked 200 whose first chunk size is the key."""
+        conn.sendall(f"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{self.echo}\r\nxx\r\n0\r\n\r\n".encode())
+
+    def echo_key_500_escaped(self, conn: socket.socket, head: bytes) -> None:
+        """A 500 whose JSON message holds the key JSON-escaped, split by a newline."""
+        escaped = "".join(f"\\u{ord(char):04x}" for char in self.echo)
+        half = 6 * (len(self.echo) // 2)  # between two escapes
+        respond(conn, 500, ('{"message": "bad key ' + escaped[:half] + "\\n" + escaped[half:] + '"}').encode())
+
+    def trickle_gzip_comment(self, conn: socket.socket, head: bytes) -> None:
+        """A gzip 200 whose header announces a comment, then the comment one byte every 20 ms, forever."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 100000\r\n\r\n")
+        conn.sendall(b"\x1f\x8b\x08\x10\x00\x00\x00\x00\x00\xff")
+        while not self.stopping.wait(0.02):
+            conn.sendall(b"a")
+
+    def trickle_trailers(self, conn: socket.socket, head: bytes) -> None:
+        """A complete chunked body, then a trailer one byte every 20 ms, forever."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: ")
+        while not self.stopping.wait(0.02):
+            conn.sendall(b"a")
+
+    def trickle_chunk_extension(self, conn: socket.socket, head: bytes) -> None:
+        """A chunk size followed by an extension one byte every 20 ms, forever."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=")
+        while not self.stopping.wait(0.02):
+            conn.sendall(b"a")
+
+    def deep_json_200(self, conn: socket.socket, head: bytes) -> None:
+        """A 200 whose JSON nests 100,000 arrays deep."""
+        respond(conn, 200, b'{"status": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+    def deep_json_500(self, conn: socket.socket, head: bytes) -> None:
+        """A 500 whose JSON nests 100,000 arrays deep."""
+        respond(conn, 500, b'{"message": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
     def trickle_body(self, conn: socket.socket, head: bytes) -> None:
         """Send complete headers (chunked), then a one-byte chunk every 20 ms, forever."""
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -175,6 +175,7 @@ class Arena:
     def raw(self, behaviour: str, faulty: int | None = None) -> FaultServer:
         """Start a raw server whose first ``faulty`` connections get ``behaviour``; the rest get the task."""
         server = FaultServer(lambda conn, head: getattr(server, behaviour)(conn, head), faulty=faulty, body=task_body())
+        server.echo = API_KEY
         self.servers.append(server)
         self.target = server
         self.connect(server.base_url)
@@ -531,7 +532,7 @@ SCENARIOS += [
         "200 with a 20 MB body",
         "emulator `huge_body` fault, megabytes=20",
         lambda arena: arena.fault("huge_body", megabytes=20),
-        expect=permanent("PPIOBadResponseError", "larger than 8 MiB"),
+        expect=permanent("PPIOBadResponseError", "larger than 256 KiB"),
     ),
     scenario(
         "undecodable-body",
@@ -686,6 +687,94 @@ SCENARIOS += [
         "a made-up host; `socket.getaddrinfo` patched to answer `EAI_NONAME`",
         lambda arena: arena.unknown_host(),
         expect=permanent("PPIOUnknownHostError", "does not exist", None),
+    ),
+    # -- a hostile network (issue 23) ---------------------------------------------------------------------------
+    scenario(
+        "key-in-content-type",
+        "the API key echoed in a 200's `Content-Type` (not JSON)",
+        "raw socket: `Content-Type: text/html; echo=Bearer <key>`",
+        _raw("echo_key_content_type"),
+        expect=permanent("PPIOBadResponseError", "echo=Bearer ***"),
+    ),
+    scenario(
+        "key-in-status-line",
+        "the API key echoed as the status line's code",
+        "raw socket: `HTTP/1.1 <key> OK`",
+        _raw("echo_key_status_line"),
+        expect=persists("PPIOTransportError", "could not get an answer", 3),
+    ),
+    scenario(
+        "key-in-chunk-size",
+        "the API key echoed as a chunk size",
+        "raw socket: chunked 200 whose first chunk-size line is the key",
+        _raw("echo_key_chunk_size"),
+        expect=persists("PPIOTransportError", "could not get an answer", 3),
+    ),
+    scenario(
+        "key-in-500-escaped",
+        "the API key echoed in a 500's message, JSON-escaped (`\\u0073k...`) and split by a newline",
+        'raw socket: 500, `{"message": "bad key \\u0073\\u006b...\\n..."}`',
+        _raw("echo_key_500_escaped"),
+        expect=persists("PPIOServerError", "bad key ***", 3),
+    ),
+    scenario(
+        "trickle-gzip-comment",
+        "a gzip header whose comment field trickles one byte per 20 ms, forever",
+        "raw socket: `Content-Encoding: gzip`, header with FLG.FCOMMENT, then 1 byte / 20 ms; timeout=0.5, 2 attempts",
+        _raw("trickle_gzip_comment"),
+        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        extra=SLOW_EXTRA,
+    ),
+    scenario(
+        "trickle-trailers",
+        "chunked trailers that trickle one byte per 20 ms, forever",
+        "raw socket: complete chunked body, then `X-Trailer: ` 1 byte / 20 ms; timeout=0.5, 2 attempts",
+        _raw("trickle_trailers"),
+        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        extra=SLOW_EXTRA,
+    ),
+    scenario(
+        "trickle-chunk-extension",
+        "a chunk extension that trickles one byte per 20 ms, forever",
+        "raw socket: `2;ext=` then 1 byte / 20 ms; timeout=0.5, 2 attempts",
+        _raw("trickle_chunk_extension"),
+        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        extra=SLOW_EXTRA,
+    ),
+    scenario(
+        "deep-json-200",
+        "a 200 whose JSON nests 100,000 deep",
+        'raw socket: `{"status": [[[...]]]}`, 100,000 arrays',
+        _raw("deep_json_200"),
+        expect=permanent("PPIOBadResponseError", "nested deeper than 32 levels"),
+    ),
+    scenario(
+        "deep-json-500",
+        "a 500 whose JSON nests 100,000 deep (still a transient server error)",
+        'raw socket: 500, `{"message": [[[...]]]}`, 100,000 arrays',
+        _raw("deep_json_500"),
+        expect=persists("PPIOServerError", "HTTP 500 (PPIO API error)", 3),
+    ),
+    scenario(
+        "completed-at-huge",
+        "`completed_at` = 10^19 in a succeeded task (counts as not reported; the success stands)",
+        "emulator `body` fault",
+        _body(task_body(completed_at=10**19)),
+        expect=opens(),
+    ),
+    scenario(
+        "completed-at-milliseconds",
+        "`completed_at` in milliseconds (counts as not reported; the success stands)",
+        "emulator `body` fault",
+        _body(task_body(completed_at=1_767_226_000_000)),
+        expect=opens(),
+    ),
+    scenario(
+        "task-over-cap",
+        "a 1 MB answer to a task read (the task cap is 256 KiB)",
+        "emulator `body` fault: a task whose note is 1 MB",
+        _body(task_body(note="x" * 1_000_000)),
+        expect=permanent("PPIOBadResponseError", "larger than 256 KiB"),
     ),
     scenario(
         "unreachable",

@@ -1,0 +1,8 @@
+"""The hostile-server suite imports its server module by plain name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
