@@ -10,7 +10,6 @@ from typing import Any
 import requests
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import SecretStr
-from tenacity import Retrying
 
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
@@ -22,7 +21,7 @@ from airflow_provider_ppio.exceptions import (
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
 from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its old home
 from airflow_provider_ppio.hooks import _async, _sync
-from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments, retry_async
+from airflow_provider_ppio.hooks._retry import RetryPolicy
 from airflow_provider_ppio.hooks._shared import (
     PREWARM_TASKS_PATH,
     ClientSettings,
@@ -126,7 +125,7 @@ class PPIOHook(BaseHook):
     async def aget_settings(self) -> ClientSettings:
         """The same settings as :attr:`settings`, resolved without blocking the event loop."""
         if self._async_settings is None:
-            host, password, extra = await _async.CONNECTION_LOOKUPS.read(self)
+            host, password, extra = await _async.CONNECTION_LOOKUPS.read(self, self.ppio_conn_id)
             self._async_settings = self._build_settings(host, password, extra)
         return self._async_settings
 
@@ -344,19 +343,17 @@ class PPIOHook(BaseHook):
         check_api_path(path)
         for rotation in (False, True):
             current = settings or self.settings
-            what = f"{method} {path}"
-            policy = retry_arguments(current, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            policy = RetryPolicy(
+                current, what=f"{method} {path}", log=self.log, idempotent=idempotent, patience=patience
+            )
+            attempt = partial(
+                _sync.send, self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
+            )
             try:
-                for attempt in Retrying(**policy):
-                    with attempt:
-                        return _sync.send(
-                            self.session, current, method, path, params=params, json=json, allow_empty=allow_empty
-                        )
+                return policy.call(attempt)
             except PPIOAuthError as err:
                 if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
                     raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     async def arequest(
@@ -374,19 +371,18 @@ class PPIOHook(BaseHook):
         check_api_path(path)
         for rotation in (False, True):
             settings = await self.aget_settings()
-            what = f"{method} {path}"
-            policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            policy = RetryPolicy(
+                settings, what=f"{method} {path}", log=self.log, idempotent=idempotent, patience=patience
+            )
             try:
                 async with _async.SHARED_SESSIONS.lease(settings) as session:
                     attempt = partial(
                         _async.send, session, settings, method, path, params=params, json=json, allow_empty=allow_empty
                     )
-                    return await retry_async(policy, attempt)
+                    return await policy.acall(attempt)
             except PPIOAuthError as err:
                 if rotation or err.http_status != 401 or not await self._akey_rotated():
                     raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     # -- key rotation ------------------------------------------------------------------------------
