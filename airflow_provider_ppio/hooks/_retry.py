@@ -81,7 +81,6 @@ class RetryPolicy:
     :param log: Where to say that a retry is coming.
     :param idempotent: See :func:`is_retryable`.
     :param patience: Retry by time instead of by attempts.
-    :param started: When the call's first attempt began (``time.monotonic()``); now if not given.
     """
 
     def __init__(
@@ -92,11 +91,10 @@ class RetryPolicy:
         log: RetryLogger,
         idempotent: bool = True,
         patience: Patience | None = None,
-        started: float | None = None,
     ) -> None:
         self.settings, self.what, self.log = settings, what, log
         self.idempotent, self.patience = idempotent, patience
-        self.started = time.monotonic() if started is None else started
+        self.started = time.monotonic()  # built just before the call's first try
         self._failures = 0
         self._logged_kind: tuple[object, ...] | None = None
         self._logged_at = 0.0
@@ -143,14 +141,9 @@ class RetryPolicy:
             self.log.warning("PPIO API %s failed (%s); %s", self.what, text, then)
         elif now - self._logged_at >= SUMMARY_EVERY:
             self._logged_at = now
-            self.log.warning(
-                "PPIO API %s still failing: %d failed attempts in %.0fs, last error: %s; %s",
-                self.what,
-                self._failures,
-                now - self.started,
-                text,
-                then,
-            )
+            elapsed = now - self.started
+            line = "PPIO API %s still failing: %d failed attempts in %.0fs, last error: %s; %s"
+            self.log.warning(line, self.what, self._failures, elapsed, text, then)
         else:
             self.log.debug("PPIO API %s failed again (%s); %s", self.what, text, then)
 
@@ -172,8 +165,8 @@ class RetryPolicy:
 
         :param attempt: One try.
         """
-        # The first try runs before tenacity: nearly every poll succeeds at once, and a retry loop per poll
-        # costs as much as the poll's own Python. Its failure is replayed as tenacity's first attempt.
+        # Nearly every poll succeeds at once: the first try builds no retry state. If it fails, tenacity
+        # gets its error as its own first attempt and decides from there.
         try:
             return attempt()
         except PPIOError as error:
@@ -203,19 +196,11 @@ class RetryPolicy:
         return result
 
     def _recovered(self) -> None:
-        self.log.info(
-            "PPIO API %s answered after %d failed attempt(s) in %.0fs",
-            self.what,
-            self._failures,
-            time.monotonic() - self.started,
-        )
+        elapsed = time.monotonic() - self.started
+        self.log.info("PPIO API %s answered after %d failed attempt(s) in %.0fs", self.what, self._failures, elapsed)
 
     def _gave_up(self, error: PPIOError) -> PPIOError:
-        """
-        What a call raises when its retries stop: the last error; for a wait that ran out of
-        ``unreachable_timeout``, :class:`PPIOUnreachableError` naming it (the deadline's own timeout is the
-        caller's to report).
-        """
+        """The last error, or for a wait out of ``unreachable_timeout``, :class:`PPIOUnreachableError` naming it."""
         patience = self.patience
         if patience is None or not error.transient:
             return error
