@@ -21,12 +21,12 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
-from airflow.providers.common.compat.sdk import mask_secret
+from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 
 from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
 from airflow_provider_ppio.hooks._shared import (
@@ -43,9 +43,6 @@ from airflow_provider_ppio.hooks._shared import (
     transport_error,
     undecodable,
 )
-
-if TYPE_CHECKING:
-    from airflow_provider_ppio.hooks.ppio import PPIOHook
 
 #: Most connections one shared session opens; more requests in flight wait in its queue.
 MAX_CONNECTIONS = 50
@@ -263,29 +260,31 @@ class SharedConnectionLookups:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[tuple[type[PPIOHook], str], asyncio.Task[ConnectionFields]]
+            asyncio.AbstractEventLoop, dict[tuple[type[BaseHook], str], asyncio.Task[ConnectionFields]]
         ] = weakref.WeakKeyDictionary()
 
-    async def read(self, hook: PPIOHook) -> ConnectionFields:
+    async def read(self, hook: BaseHook, conn_id: str) -> ConnectionFields:
         """
-        The type, host, port, password and extras of ``hook``'s connection, from the lookup in flight if any.
+        The type, host, port, password and extras of connection ``conn_id``, from the lookup in flight if any.
 
-        :param hook: Its class and connection id identify the lookup (a subclass may read connections its way).
+        :param hook: The hook asking; its class and ``conn_id`` identify the lookup (a subclass may read
+            connections its way).
+        :param conn_id: The connection id.
         """
         loop = asyncio.get_running_loop()
-        key = (type(hook), hook.ppio_conn_id)
+        key = (type(hook), conn_id)
         with self._lock:
             lookups = self._by_loop.setdefault(loop, {})
             lookup = lookups.get(key)
             if lookup is None:
-                lookup = lookups[key] = loop.create_task(self._lookup(hook))
+                lookup = lookups[key] = loop.create_task(self._lookup(hook, conn_id))
                 lookup.add_done_callback(lambda done: lookups.pop(key, None) if lookups.get(key) is done else None)
         # One waiter's cancellation (its trigger ended) must not cancel the others' lookup.
         return await asyncio.shield(lookup)
 
     @staticmethod
-    async def _lookup(hook: PPIOHook) -> ConnectionFields:
-        conn = await get_async_connection(hook.ppio_conn_id, hook)
+    async def _lookup(hook: BaseHook, conn_id: str) -> ConnectionFields:
+        conn = await get_async_connection(conn_id, hook)
         extra = await get_async_extra_dejson(conn)
         if conn.password and conn.password.strip():
             # The key as the hook sends it (stripped). Masking may talk to the supervisor synchronously:

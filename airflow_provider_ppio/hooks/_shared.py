@@ -716,7 +716,10 @@ def _first_text(secret: SecretStr, *candidates: Any) -> str | None:
 
 
 def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
+    """
+    Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date). None when there is no usable
+    hint: absent, garbage, NaN or infinite, zero, negative, or a date that is not in the future.
+    """
     if value is None or not value.strip():
         return None
     try:
@@ -724,12 +727,12 @@ def _parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             when = parsedate_to_datetime(value.strip())
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:
             return None
         seconds = when.timestamp() - time.time()
-    return None if math.isnan(seconds) else max(0.0, seconds)
+    return seconds if 0 < seconds < math.inf else None
 
 
 def snippet(text: str, limit: int = 200) -> str:

@@ -11,7 +11,6 @@ from typing import Any
 import requests
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 from pydantic import SecretStr
-from tenacity import Retrying
 
 from airflow_provider_ppio.exceptions import (
     PPIOAuthError,
@@ -23,7 +22,7 @@ from airflow_provider_ppio.exceptions import (
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
 from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its old home
 from airflow_provider_ppio.hooks import _async, _sync
-from airflow_provider_ppio.hooks._retry import gave_up, retry_arguments, retry_async
+from airflow_provider_ppio.hooks._retry import RetryPolicy
 from airflow_provider_ppio.hooks._shared import (
     LIST_PAGE_MAX_BYTES,
     MAX_BODY_BYTES,
@@ -138,7 +137,7 @@ class PPIOHook(BaseHook):
     async def aget_settings(self) -> ClientSettings:
         """The same settings as :attr:`settings`, resolved without blocking the event loop."""
         if self._async_settings is None:
-            self._async_settings = self._build_settings(await _async.CONNECTION_LOOKUPS.read(self))
+            self._async_settings = self._build_settings(await _async.CONNECTION_LOOKUPS.read(self, self.ppio_conn_id))
         return self._async_settings
 
     def _build_settings(self, fields: ConnectionFields) -> ClientSettings:
@@ -383,26 +382,25 @@ class PPIOHook(BaseHook):
         check_api_path(path)
         for rotation in (False, True):
             current = settings or self.settings
-            what = f"{method} {path}"
-            policy = retry_arguments(current, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            policy = RetryPolicy(
+                current, what=f"{method} {path}", log=self.log, idempotent=idempotent, patience=patience
+            )
+            attempt = partial(
+                _sync.send,
+                self.session,
+                current,
+                method,
+                path,
+                params=params,
+                json=json,
+                allow_empty=allow_empty,
+                max_bytes=max_bytes,
+            )
             try:
-                for attempt in Retrying(**policy):
-                    with attempt:
-                        return _sync.send(
-                            self.session,
-                            current,
-                            method,
-                            path,
-                            params=params,
-                            json=json,
-                            allow_empty=allow_empty,
-                            max_bytes=max_bytes,
-                        )
+                return policy.call(attempt)
             except PPIOAuthError as err:
                 if rotation or settings is not None or err.http_status != 401 or not self._key_rotated():
                     raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     async def arequest(
@@ -421,8 +419,9 @@ class PPIOHook(BaseHook):
         check_api_path(path)
         for rotation in (False, True):
             settings = await self.aget_settings()
-            what = f"{method} {path}"
-            policy = retry_arguments(settings, what=what, log=self.log, idempotent=idempotent, patience=patience)
+            policy = RetryPolicy(
+                settings, what=f"{method} {path}", log=self.log, idempotent=idempotent, patience=patience
+            )
             try:
                 async with _async.SHARED_SESSIONS.lease(settings) as session:
                     attempt = partial(
@@ -436,12 +435,10 @@ class PPIOHook(BaseHook):
                         allow_empty=allow_empty,
                         max_bytes=max_bytes,
                     )
-                    return await retry_async(policy, attempt)
+                    return await policy.acall(attempt)
             except PPIOAuthError as err:
                 if rotation or err.http_status != 401 or not await self._akey_rotated():
                     raise
-            except PPIOError as err:
-                raise err if patience is None else gave_up(err, patience, what) from None
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     # -- key rotation ------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
     PPIOUnknownHostError,
 )
+from airflow_provider_ppio.hooks import _async, _sync
 from airflow_provider_ppio.hooks._shared import CA_BUNDLE_VARIABLES
 from airflow_provider_ppio.hooks.ppio import PPIOHook
 from airflow_provider_ppio.models import PrewarmTask
@@ -251,9 +252,14 @@ def test_a_refused_connection_is_transient_and_retried(
     set_conn: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     path: str,
 ) -> None:
     caplog.set_level(logging.INFO)
+    transport = _sync if path == "sync" else _async
+    sends: list[object] = []
+    real_send = transport.send
+    monkeypatch.setattr(transport, "send", lambda *args, **kwargs: sends.append(args) or real_send(*args, **kwargs))
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     holder.bind(("127.0.0.1", 0))  # bound, not listening: refused, and no other process can take the port
     try:
@@ -270,9 +276,10 @@ def test_a_refused_connection_is_transient_and_retried(
     assert type(info.value) is PPIOTransportError
     assert info.value.transient
     assert info.value.request_sent is False
+    assert len(sends) == 3  # max_attempts
     retries = [line for line in logged(caplog, capsys) if "retrying" in line]
-    assert len(retries) == 2  # 3 attempts
-    assert "(attempt 3 of 3)" in retries[-1]
+    assert len(retries) == 1  # one kind of error: one WARNING; its repeat goes to DEBUG
+    assert "(attempt 2 of 3)" in retries[0]
 
 
 # -- Content-Encoding ---------------------------------------------------------------------------------------
