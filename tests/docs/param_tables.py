@@ -79,11 +79,15 @@ FROM_CONFIG = {
 _SECONDS = {"catch_up_horizon", "poke_interval", "timeout", "max_wait", "unreachable_timeout", "max_age", "deadline"}
 
 
+_ROLE = re.compile(r":\w+:`~?(?P<name>[^`]+)`")
+
+
 def _params(doc: str) -> dict[str, str]:
     """``:param name: text`` entries of a docstring, continuation lines joined."""
     found: dict[str, str] = {}
     for match in re.finditer(r":param (\w+):(.*?)(?=\n\s*:\w|\Z)", inspect.cleandoc(doc), re.S):
-        found[match.group(1)] = " ".join(match.group(2).split())
+        text = " ".join(match.group(2).split())
+        found[match.group(1)] = _ROLE.sub(r"`\g<name>`", text)  # :meth:`on_kill` reads as `on_kill` in Markdown
     return found
 
 

@@ -210,7 +210,7 @@ class Arena:
         socket.getaddrinfo = getaddrinfo
         self._undo.append(lambda: setattr(socket, "getaddrinfo", real))
         self.uncountable = True
-        self.connect(f"http://{UNKNOWN_HOST}:8080")
+        self.connect(f"https://{UNKNOWN_HOST}:8080")  # plain http to a remote host is refused before DNS
 
     def redirect_elsewhere(self) -> None:
         """Answer reads with a 302 to another host (a raw server that records whether anyone came)."""

@@ -4,9 +4,9 @@ Write the fault matrix into docs/reliability.md from the results of real runs.
 ``PPIO_RELIABILITY_REPORT=1 pytest tests/reliability/test_fault_matrix.py`` (once per Airflow line) leaves
 ``tests/reliability/results/airflow-<version>.json``; this module turns every such file into the table
 between the ``BEGIN MATRIX`` and ``END MATRIX`` markers of the doc: the expected outcome of each
-(scenario, path) next to what each Airflow line measured (✓ when it met the expectation; the measured text of
-every case stays in the results files). Run it directly to regenerate the table only:
-``python tests/reliability/matrix_report.py``.
+scenario on each path, one row per scenario, next to what each Airflow line measured (✓ when every path met
+its expectation; the measured text of every case stays in the results files). Run it directly to regenerate
+the table only: ``python tests/reliability/matrix_report.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def _measured(row: dict[str, Any] | None) -> str:
     return "✓" if row["ok"] else "**✗** " + _cell(row["measured"])
 
 
+def _measured_paths(rows: list[dict[str, Any] | None], paths: list[tuple[int, str]]) -> str:
+    """One Airflow line's outcome of one scenario over every path: ✓ when all met the expectation."""
+    if all(row is not None and row["ok"] for row in rows):
+        return "✓"
+    named = zip(rows, paths, strict=True)
+    return "<br>".join(f"{PATH_NAMES.get(path, path)}: {_measured(row)}" for row, (_, path) in named)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -74,28 +82,23 @@ def render(reports: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     versions = [report["airflow"] for report in reports]
-    header = ["#", "Scenario", "Fault produced by", "Path", "Expected"]
+    paths = sorted({(row["path_index"], row["path"]) for report in reports for row in report["rows"]})
+    header = ["#", "Scenario", "Fault produced by"]
+    header += [f"Expected via {PATH_NAMES.get(path, path)}" for _, path in paths]
     header += [f"Measured on Airflow {_line(version)}" for version in versions]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     by_version = [{(row["scenario"], row["path"]): row for row in report["rows"]} for report in reports]
-    ordered = sorted(
-        {(row["index"], row["path_index"], row["scenario"], row["path"]) for r in reports for row in r["rows"]}
-    )
-    number = 0
-    previous = None
-    for _, _, name, path in ordered:
-        found = [rows.get((name, path)) for rows in by_version]
-        first = next(row for row in found if row is not None)
-        if name != previous:
-            number += 1
-            cells = [str(number), f"{_cell(first['title'])} <br>`{name}`", _cell(first["produced_by"])]
-        else:
-            cells = ["", "", ""]
-        previous = name
-        cells += [PATH_NAMES.get(path, path), _cell(first["expected"])]
-        # A case that met its expectation shows only ✓; its measured text stays in the results file.
-        cells += [_measured(row) for row in found]
+    scenarios = sorted({(row["index"], row["scenario"]) for report in reports for row in report["rows"]})
+    for number, (_, name) in enumerate(scenarios, start=1):
+        found = [[rows.get((name, path)) for _, path in paths] for rows in by_version]
+        first = next(row for per_path in found for row in per_path if row is not None)
+        cells = [str(number), f"{_cell(first['title'])} <br>`{name}`", _cell(first["produced_by"])]
+        for index in range(len(paths)):
+            known = next((per_path[index] for per_path in found if per_path[index] is not None), None)
+            cells.append(_cell(known["expected"]) if known else "")
+        # ✓ when every path met its expectation; the measured text of every case stays in the results file.
+        cells += [_measured_paths(per_path, paths) for per_path in found]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -188,7 +188,7 @@ def produce(row: Row, world: World, stage: str) -> None:
         world.connect("ftp://127.0.0.1:9")
     elif key == "dns":
         _fake_dns(world.monkeypatch)
-        world.connect(f"http://{UNKNOWN_HOST}:8080")
+        world.connect(f"https://{UNKNOWN_HOST}:8080")  # plain http to a remote host is refused before DNS
     elif key == "refused":
         world.connect(world.front("refuse") if stage == "create" else world.raw(RefusedPort()))
     elif key == "timeout":
@@ -269,6 +269,12 @@ class FakeTI:
         self._first_try = self._first_try or poke_started
         context["task_reschedule_count"] += 1
 
+    def xcom_push(self, key: str, value: Any, **kwargs: Any) -> None:
+        self.xcoms[key] = value
+
+    def xcom_pull(self, task_ids: Any = None, key: str = "return_value", **kwargs: Any) -> Any:
+        return self.xcoms.get(key)
+
 
 class StateStore:
     """A task's durable state (``task_state_store``), kept across the reschedules of one case."""
@@ -284,12 +290,6 @@ class StateStore:
 
     def delete(self, key: str) -> None:
         self.values.pop(key, None)
-
-    def xcom_push(self, key: str, value: Any, **kwargs: Any) -> None:
-        self.xcoms[key] = value
-
-    def xcom_pull(self, task_ids: Any = None, key: str = "return_value", **kwargs: Any) -> Any:
-        return self.xcoms.get(key)
 
 
 def _marker() -> str:
