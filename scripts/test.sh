@@ -103,7 +103,7 @@ print(m.version("apache-airflow"), platform.python_version())' 2>/dev/null) && [
     # ${a[@]+"${a[@]}"}: an empty array under set -u on bash 3.2 (macOS)
     AIRFLOW_HOME=$home AIRFLOW__CORE__LOAD_EXAMPLES=False \
         ${line_timeout[@]+"${line_timeout[@]}"} \
-        "$bin/python" -m pytest -ra -p no:cacheprovider --timeout="$PYTEST_TIMEOUT" \
+        "$bin/python" -m pytest -ra -p no:cacheprovider --durations=25 --timeout="$PYTEST_TIMEOUT" \
         ${pytest_args[@]+"${pytest_args[@]}"} ${paths[@]+"${paths[@]}"} 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     closing=$(grep -E '^=+ .* in [0-9.]+s' "$log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')
