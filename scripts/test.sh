@@ -23,7 +23,7 @@ PYTEST_ARGS=${PYTEST_ARGS:-}
 # A hung test fails after PYTEST_TIMEOUT seconds, a whole Airflow line after PYTEST_LINE_TIMEOUT, so that a hang
 # cannot eat CI's 90 minutes and the summary still gets printed.
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300}
-PYTEST_LINE_TIMEOUT=${PYTEST_LINE_TIMEOUT:-1800}
+PYTEST_LINE_TIMEOUT=${PYTEST_LINE_TIMEOUT:-2700}
 # shellcheck disable=SC2294 # eval on purpose: the quotes in PYTEST_ARGS group words, as on a command line
 eval "pytest_args=($PYTEST_ARGS)" || { echo "test.sh: cannot split PYTEST_ARGS: $PYTEST_ARGS" >&2; exit 2; }
 line_timeout=()
