@@ -145,8 +145,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`). When ``timeout`` passes the
     task fails without retry and the prewarm is left running (delete it with
     :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown). When the task is killed or marked
-    failed (and, on Airflow 3.3, while deferred) the pending or running prewarm of ``prewarm_task_id`` is
-    deleted unless ``delete_on_kill=False``.
+    failed in a worker, the pending or running prewarm of ``prewarm_task_id`` is deleted unless
+    ``delete_on_kill=False``. While deferred it is left to the teardown: Airflow 3.3's triggerer also calls a
+    trigger's ``on_kill`` when it hands the trigger to another triggerer, which must not delete a live prewarm.
 
     :param image: Full image reference to prewarm (templated).
     :param region_id: Target region id (templated).
@@ -460,7 +461,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
             unreachable_timeout=self.unreachable_timeout,
-            delete_on_kill=self.delete_on_kill,
+            # Never True here: Airflow 3.3.2's triggerer cancels a trigger "by user action", and so calls its
+            # on_kill, also when the trigger moves to another triggerer (update_triggers), not only on a kill.
+            delete_on_kill=False,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
         backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE

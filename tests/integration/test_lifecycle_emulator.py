@@ -324,18 +324,29 @@ def test_on_kill_never_deletes_a_reused_prewarm(emulator: EmulatorServer) -> Non
     assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-other-run"]
 
 
-def test_the_deferred_creates_trigger_deletes_its_prewarm_on_kill(emulator: EmulatorServer) -> None:
+def test_a_trigger_asked_to_delete_on_kill_deletes_its_prewarm(emulator: EmulatorServer) -> None:
+    from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
+
+    emulator.control.seed_task(task_id="pwt-own", state="running")
+    trigger = PrewarmTaskTrigger(prewarm_task_id="pwt-own", poke_interval=1, delete_on_kill=True)
+
+    asyncio.run(trigger.on_kill())  # what Airflow 3.3's triggerer calls when a user kills the deferred task
+
+    assert emulator.control.tasks() == []
+
+
+def test_the_deferred_creates_trigger_leaves_its_prewarm_on_kill(emulator: EmulatorServer) -> None:
     from airflow.providers.common.compat.sdk import TaskDeferred
 
     emulator.control.configure(running_seconds=60)
     with pytest.raises(TaskDeferred) as deferred:
         create_op(deferrable=True).execute(make_context())
     trigger = deferred.value.trigger
-    assert trigger.serialize()[1]["delete_on_kill"] is True
+    assert trigger.serialize()[1]["delete_on_kill"] is False
 
-    asyncio.run(trigger.on_kill())  # what Airflow 3.3's triggerer calls when a user kills the deferred task
+    asyncio.run(trigger.on_kill())  # Airflow 3.3.2 calls it on a triggerer hand-over too
 
-    assert emulator.control.tasks() == []
+    assert len(emulator.control.tasks()) == 1
 
 
 def test_the_sensors_trigger_never_deletes_on_kill(emulator: EmulatorServer) -> None:
