@@ -64,8 +64,9 @@ class PrewarmTaskTrigger(BaseTrigger):
     :param poke_interval: Seconds between two polls.
     :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
     :param unreachable_timeout: Overrides the connection's bound on outages, in seconds.
-    :param delete_on_kill: Delete the prewarm task, if still pending or running, when a user kills the deferred
-        task (Airflow 3.3 calls :meth:`on_kill`). Only the create operator sets it: the task is its own.
+    :param delete_on_kill: Delete the prewarm task, if still pending or running, in ``on_kill``. Airflow 3
+        calls it when a user kills the deferred task and also when the trigger moves to another triggerer, so
+        no operator of this provider sets it.
     """
 
     def __init__(
