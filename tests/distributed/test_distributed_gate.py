@@ -251,7 +251,7 @@ def test_gate_survives_worker_triggerer_and_api_failures(
         for entry in control.requests_log()
         if entry["method"] == "POST" and entry["path"] == TASKS_PATH
         for word in ((entry.get("json") or {}).get("note") or "").split()
-        if word.startswith("airflow-")
+        if word.startswith(MARKER_PREFIX)
     )
     fired, fired_by = _fired_events(distributed)
     # Every wait the killed triggerer held fired on the other one.
