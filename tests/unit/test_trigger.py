@@ -121,7 +121,7 @@ def test_serialize_round_trips_through_airflow_serde_with_primitives_only() -> N
         "poke_interval": 30.0,
         "deadline": 1.8e9,
         "unreachable_timeout": 120.0,
-        "delete_on_kill": False,  # only the create operator's trigger deletes its prewarm on kill
+        "delete_on_kill": False,  # no operator asks the trigger to delete on kill
     }
 
 
