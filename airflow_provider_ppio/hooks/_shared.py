@@ -567,7 +567,7 @@ def interpret_response(
         raise PPIOBadResponseError(f"{where}: HTTP {status} with an empty body", status_code=status)
     failure: PPIOBadResponseError | None = None
     try:
-        return checked_depth(json.loads(body))
+        return decode_json(body)
     except (UnicodeDecodeError, ValueError):
         content_type = server_text(headers.get("Content-Type", ""), secret, 100) or "no Content-Type"
         failure = PPIOBadResponseError(
@@ -579,6 +579,30 @@ def interpret_response(
             f"{where}: HTTP {status} with JSON nested deeper than {MAX_JSON_DEPTH} levels", status_code=status
         )
     raise failure  # outside the handler: no library exception (and its text) rides along as __context__
+
+
+#: A JSON string (with its escapes), whose brackets do not nest anything.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def decode_json(body: bytes | str) -> Any:
+    """
+    ``json.loads`` that refuses nesting deeper than :data:`MAX_JSON_DEPTH` before parsing it (``RecursionError``).
+
+    The parser itself recurses: a body nested thousands deep would take the interpreter to its recursion limit,
+    where any finalizer that runs meanwhile fails too. Bodies with few brackets (a task) skip the scan.
+
+    :param body: The raw JSON text.
+    """
+    raw = body.encode() if isinstance(body, str) else body
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        depth = 0
+        for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
+            depth += 1 if bracket.group() in (b"[", b"{") else -1
+            if depth > MAX_JSON_DEPTH:
+                raise RecursionError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return checked_depth(json.loads(body))
 
 
 def checked_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> Any:
@@ -692,7 +716,7 @@ def _parse_error_body(body: bytes, secret: SecretStr) -> tuple[str | None, str |
     if not text:
         return None, None
     try:
-        payload = checked_depth(json.loads(text))
+        payload = decode_json(text)
     except (ValueError, RecursionError):  # too deep: still the error its status says (a 5xx stays transient)
         return snippet(text), None
     if not isinstance(payload, dict):
