@@ -1,14 +1,13 @@
 """
-The provider's error tree: every failure the hook raises is a :class:`PPIOError`.
+The provider's errors: every failure the hook raises is a :class:`PPIOError`, one class per thing the user does.
 
-Errors that no retry of the Airflow task can cure (a wrong key, an unknown task, a bad request, a
-certificate that does not verify, broken connection settings, a failed prewarm) also subclass
-``AirflowFailException``, so the task fails at once instead of spending its ``retries``.
-The contract, row by row, is the table in docs/reliability.md.
+Errors no retry can cure also subclass ``AirflowFailException``, so the task fails at once instead of spending
+its ``retries``. The contract, row by row, is the table in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
@@ -54,43 +53,37 @@ def _rebuild(cls: type[PPIOError], message: str, state: dict[str, object]) -> PP
 
 
 class PPIOInvalidInputError(PPIOError, AirflowFailException, ValueError):
-    """An argument is not acceptable; raised before any request is sent."""
+    """An argument is not acceptable (fix the DAG); raised before any request is sent."""
 
 
 class PPIOConnectionConfigError(PPIOError, AirflowFailException):
     """
-    The Airflow connection is unusable: not of type ``ppio``, no API key, a bad base URL or port, plain http to
-    another machine without ``allow_insecure_http``, bad extras or CA bundle. Raised before any request.
+    The Airflow connection (or the environment it reads) must be fixed: type, API key, base URL, port, extras,
+    the CA bundle (a certificate that does not verify) or a host name that does not exist.
     """
 
 
-class PPIOAPIError(PPIOError):
-    """The API answered with an HTTP error status."""
-
-
-class PPIOBadRequestError(PPIOAPIError, AirflowFailException):
+class PPIOBadRequestError(PPIOError, AirflowFailException):
     """The API refused the request as invalid (400 and 4xx codes without a class of their own)."""
 
 
-class PPIOQuotaExceededError(PPIOAPIError):
+class PPIOQuotaExceededError(PPIOError):
     """
-    The account's prewarm quota (5 tasks by default) is used up: PPIO's ``IMAGE_PREWARM_NUM_LIMIT`` ("Image
-    prewarm number exceeds limit") or a "quota" refusal, whatever the HTTP status (400, 403 or 429).
+    The account's prewarm quota is used up (``IMAGE_PREWARM_NUM_LIMIT`` or a "quota" refusal, any status).
 
-    Not a :class:`PPIOBadRequestError`: the same request succeeds once a slot is free, so task
-    retries apply.
+    Not a bad request: the same request succeeds once a slot is free, so task retries apply.
     """
 
 
-class PPIOAuthError(PPIOAPIError, AirflowFailException):
+class PPIOAuthError(PPIOError, AirflowFailException):
     """The API key is missing, wrong (401) or lacks permission (403)."""
 
 
-class PPIONotFoundError(PPIOAPIError, AirflowFailException):
+class PPIONotFoundError(PPIOError, AirflowFailException):
     """The prewarm task (or path) does not exist (404)."""
 
 
-class PPIORateLimitError(PPIOAPIError):
+class PPIORateLimitError(PPIOError):
     """
     The API is rate limiting this key (429).
 
@@ -104,7 +97,7 @@ class PPIORateLimitError(PPIOAPIError):
         self.retry_after = retry_after
 
 
-class PPIOServerError(PPIOAPIError):
+class PPIOServerError(PPIOError):
     """The API failed on its side (5xx), or gave up waiting for the request (408): transient, maybe acted on."""
 
     transient = True
@@ -112,7 +105,7 @@ class PPIOServerError(PPIOAPIError):
 
 class PPIOTransportError(PPIOError):
     """
-    No usable answer arrived: connection refused or reset, DNS failure, or a timeout.
+    No usable answer arrived: connection refused or reset, DNS not answering, or a timeout.
 
     :param request_sent: False only when the request surely never reached the server.
     """
@@ -124,32 +117,8 @@ class PPIOTransportError(PPIOError):
         self.request_sent = request_sent
 
 
-class PPIOTimeoutError(PPIOTransportError):
-    """The API did not answer within the request timeout."""
-
-
 class PPIOUnreachableError(PPIOTransportError):
-    """
-    A wait gave up: the API gave no usable answer for longer than ``unreachable_timeout``.
-
-    The message carries the last error. Task retries apply: the outage may be over by then.
-    """
-
-    transient = False
-
-
-class PPIOTLSError(PPIOTransportError, AirflowFailException):
-    """
-    The TLS handshake failed (a certificate that does not verify, a server that does not speak TLS).
-
-    Permanent: asking again gets the same certificate. The message names the CA bundle used.
-    """
-
-    transient = False
-
-
-class PPIOUnknownHostError(PPIOTransportError, AirflowFailException):
-    """The base URL's host name does not exist (DNS answered that there is no such name)."""
+    """A wait gave up after ``unreachable_timeout`` without a usable answer; the message carries the last error."""
 
     transient = False
 
@@ -169,3 +138,20 @@ class PPIOPrewarmFailedError(PPIOError, AirflowFailException):
 
 class PPIOBadResponseError(PPIOError):
     """The API answered, but the answer is unusable (not JSON, wrong shape, too large, a redirect)."""
+
+
+#: Old names, still importable (a stored trigger event may name one): old name -> the class that replaced it.
+_DEPRECATED = {
+    "PPIOAPIError": PPIOError,
+    "PPIOTimeoutError": PPIOTransportError,
+    "PPIOTLSError": PPIOConnectionConfigError,
+    "PPIOUnknownHostError": PPIOConnectionConfigError,
+}
+
+
+def __getattr__(name: str) -> type[PPIOError]:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"{name} is deprecated: use {new.__name__}", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

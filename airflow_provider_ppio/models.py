@@ -16,24 +16,11 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOInvalidInputError
-from airflow_provider_ppio.status import (
-    TERMINAL_STATES as TERMINAL_STATES,
-)
-from airflow_provider_ppio.status import (
-    Outcome as Outcome,
-)
-from airflow_provider_ppio.status import (
-    PrewarmTaskState as PrewarmTaskState,
-)
-from airflow_provider_ppio.status import (
-    clip,
-)
-from airflow_provider_ppio.status import (
-    log_waiting as log_waiting,
-)
-from airflow_provider_ppio.status import (
-    outcome_of as outcome_of,
-)
+from airflow_provider_ppio.status import TERMINAL_STATES as TERMINAL_STATES
+from airflow_provider_ppio.status import Outcome as Outcome
+from airflow_provider_ppio.status import PrewarmTaskState as PrewarmTaskState
+from airflow_provider_ppio.status import clip
+from airflow_provider_ppio.status import outcome_of as outcome_of
 
 #: Latest Unix time (seconds) accepted in ``created_at`` / ``completed_at``: the end of the year 9999, the last
 #: instant ``datetime`` can show. A larger value (milliseconds, say) is not a time in seconds.
@@ -179,6 +166,25 @@ def decide(task: PrewarmTask) -> Outcome:
     :param task: The prewarm task as last read from the API.
     """
     return outcome_of(task.status.status)
+
+
+def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
+    """
+    Log that ``task`` is not finished: info for a known status, a warning for one this provider does not know.
+
+    :param log: The caller's logger.
+    :param task: A task whose outcome is :attr:`Outcome.WAITING`.
+    :param detail: Text appended to the line (how long it has run, how often it is polled).
+    """
+    if task.state is None:
+        log.warning(
+            "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
+            clip(task.task_id),
+            clip(task.status.status),
+            detail,
+        )
+    else:
+        log.info("Prewarm task %s is %s%s", clip(task.task_id), task.status.status.strip(), detail)
 
 
 def describe(err: ValidationError) -> str:

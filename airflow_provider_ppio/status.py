@@ -8,10 +8,6 @@ pydantic models in :mod:`.models` load when a task runs).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from airflow_provider_ppio.models import PrewarmTask
 
 
 class PrewarmTaskState(enum.StrEnum):
@@ -65,22 +61,3 @@ def outcome_of(status: str) -> Outcome:
     if state is PrewarmTaskState.FAILED:
         return Outcome.FAILED
     return Outcome.WAITING
-
-
-def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
-    """
-    Log that ``task`` is not finished: info for a known status, a warning for one this provider does not know.
-
-    :param log: The caller's logger (a sensor's, an operator's or a trigger's ``log``).
-    :param task: A task whose outcome is :attr:`Outcome.WAITING`.
-    :param detail: Text appended to the line (how long it has run, how often it is polled).
-    """
-    if task.state is None:
-        log.warning(
-            "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
-            clip(task.task_id),
-            clip(task.status.status),
-            detail,
-        )
-    else:
-        log.info("Prewarm task %s is %s%s", clip(task.task_id), task.status.status.strip(), detail)

@@ -1,13 +1,6 @@
 """
-The async transport: ``aiohttp``, one shared session per event loop and TLS/proxy setting, and
-connection lookups shared by the hooks of one loop.
-
-Thousands of triggers share one triggerer loop. They share one ``aiohttp.ClientSession`` whose
-connector bounds the open connections (requests beyond the bound wait in its queue, inside each
-request's timeout) and keeps them alive between polls. A request holds a connection only while it
-is in flight: nothing is held while a wait sleeps, so one slow or failing API call never delays
-another wait's poll. A trigger leases the session for its whole wait, so it stays open between
-polls, and the last lease to end closes it.
+The async transport: ``aiohttp``, one shared session per event loop and TLS/proxy setting (its connector bounds
+the open connections of all triggers), and connection lookups shared by the hooks of one loop.
 """
 
 from __future__ import annotations
@@ -15,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import socket
 import ssl
 import threading
 import weakref
@@ -28,13 +20,12 @@ from aiohttp.http_exceptions import ContentEncodingError
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.common.compat.sdk import BaseHook, mask_secret
 
-from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
+from airflow_provider_ppio.exceptions import PPIOError
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
     Answer,
     ClientSettings,
     ConnectionFields,
-    Failure,
     TLSSettings,
     decode_answer,
     request_headers,
@@ -83,11 +74,7 @@ async def _exchange(
     json: Any,
     max_bytes: int,
 ) -> Answer | PPIOError:
-    """
-    Send one request and read its answer whole; a failure is returned, not raised, so that the error the caller
-    raises carries no library exception (aiohttp's parser errors quote what the server sent, and its response
-    errors hold the request's headers).
-    """
+    """Send and read the whole answer; a failure is returned so the raised error carries no library exception."""
     where = f"{method} {path}"
     headers: Mapping[str, str] = {}
     try:
@@ -124,12 +111,8 @@ async def _exchange(
 @functools.lru_cache(maxsize=16)
 def _timeouts(timeout: float, connect_timeout: float) -> aiohttp.ClientTimeout:
     """
-    The bounds of one attempt, as aiohttp applies them.
-
-    ``total`` bounds the whole attempt: queueing for a connection, connecting, the headers and the body (a
-    trickling server included), never rounded up. ``connect`` also bounds the wait for a pooled connection:
-    a request that queued half its timeout away fails as never sent (and may be retried) instead of being
-    sent only to be cut.
+    ``total`` bounds the whole attempt, never rounded up; ``connect`` (queueing included) half of it, so that a
+    request that queued too long fails as never sent instead of being sent only to be cut.
     """
     # aiohttp rounds deadlines from ``ceil_threshold`` up to whole seconds; an infinite one keeps them exact.
     return aiohttp.ClientTimeout(
@@ -137,23 +120,9 @@ def _timeouts(timeout: float, connect_timeout: float) -> aiohttp.ClientTimeout:
     )
 
 
-def _transport_error(where: str, settings: ClientSettings, err: BaseException) -> PPIOTransportError:
-    return transport_error(_classify(err), where=where, settings=settings, err=err)
-
-
-def _classify(err: BaseException) -> Failure:
-    if isinstance(err, (aiohttp.ClientSSLError, ssl.SSLError)):
-        return Failure.TLS
-    if isinstance(err, aiohttp.ClientConnectorDNSError):
-        cause = err.os_error
-        return Failure.UNKNOWN_HOST if getattr(cause, "errno", None) == socket.EAI_NONAME else Failure.NOT_CONNECTED
-    if isinstance(err, aiohttp.ConnectionTimeoutError):
-        return Failure.CONNECT_TIMEOUT
-    if isinstance(err, aiohttp.ServerTimeoutError):
-        return Failure.TIMEOUT
-    if isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ClientProxyConnectionError)):
-        return Failure.NOT_CONNECTED
-    return Failure.BROKEN
+def _transport_error(where: str, settings: ClientSettings, err: BaseException) -> PPIOError:
+    never_connected = isinstance(err, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+    return transport_error(err, where=where, settings=settings, sent=not never_connected)
 
 
 @functools.lru_cache(maxsize=16)

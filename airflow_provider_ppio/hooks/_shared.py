@@ -1,17 +1,15 @@
-"""
-What the sync and async transports share, with no network I/O: settings (timeouts, TLS, proxy), URLs and
-headers, and how an answer or a transport failure becomes a typed error. The retry policy is in :mod:`._retry`.
-"""
+"""What both transports share, with no network I/O: settings, URLs, headers, and answers or failures as typed errors."""
 
 from __future__ import annotations
 
-import enum
 import functools
 import ipaddress
 import json
 import math
 import os
 import re
+import socket
+import ssl
 import sys
 import time
 import urllib.request
@@ -27,7 +25,6 @@ from pydantic import SecretStr
 
 from airflow_provider_ppio import __version__
 from airflow_provider_ppio.exceptions import (
-    PPIOAPIError,
     PPIOAuthError,
     PPIOBadRequestError,
     PPIOBadResponseError,
@@ -38,10 +35,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOQuotaExceededError,
     PPIORateLimitError,
     PPIOServerError,
-    PPIOTimeoutError,
-    PPIOTLSError,
     PPIOTransportError,
-    PPIOUnknownHostError,
 )
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_BASE_URL
 from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
@@ -49,11 +43,9 @@ from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
 PREWARM_TASKS_PATH = "/gpus/v2/prewarm-tasks"
 #: Largest answer read from any path (the generic ``get``/``request``); a larger body is refused, not read.
 MAX_BODY_BYTES = 8 * 1024 * 1024
-#: Largest answer about one task (read, create, delete). A real task is under 2 KB; its free-text fields
-#: (note, message, reasons) would need to be 100 times longer than anything seen to come near this.
+#: Largest answer about one task (read, create, delete); a real task is under 2 KB.
 TASK_BODY_MAX_BYTES = 256 * 1024
-#: Largest page of the task list. The API returns at most 1,000 tasks a page (the ``limit`` bound);
-#: 1,000 tasks of 2 KB are 2 MB, so this leaves twice that.
+#: Largest page of the task list: twice 1,000 tasks (the ``limit`` bound) of 2 KB.
 LIST_PAGE_MAX_BYTES = 4 * 1024 * 1024
 #: Deepest JSON nesting accepted in an answer. Real answers nest 4 deep (page, list, task, status).
 MAX_JSON_DEPTH = 32
@@ -88,7 +80,7 @@ class TLSSettings:
 
 
 class ConnectionFields(NamedTuple):
-    """The fields of an Airflow connection the hook reads, however it was looked up (sync or async)."""
+    """The fields of an Airflow connection the hook reads, looked up sync or async."""
 
     conn_type: str | None
     host: str | None
@@ -103,7 +95,7 @@ class ConnectionFields(NamedTuple):
         The fields of an Airflow ``Connection``.
 
         :param conn: The connection.
-        :param extra: Its extras, when already decoded (the async lookup decodes them off the event loop).
+        :param extra: Its extras, when already decoded (off the event loop).
         """
         extra = conn.extra_dejson if extra is None else extra
         return cls(conn.conn_type, conn.host, conn.port, conn.schema, conn.password, extra)
@@ -134,8 +126,7 @@ class ClientSettings:
     unreachable_timeout: float = 600.0
     tls: TLSSettings = field(default_factory=lambda: _tls_settings("", {}))
     proxy: str | None = None
-    #: The key as a ``SecretStr``, for every frame that can raise: a traceback printed with its frames' locals
-    #: (Airflow 3.0's console does) shows it masked.
+    #: The key as a ``SecretStr``, for every frame that can raise: a traceback printed with locals shows it masked.
     secret: SecretStr = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,33 +134,17 @@ class ClientSettings:
 
     @classmethod
     def from_connection(
-        cls,
-        conn_id: str,
-        *,
-        conn_type: str | None,
-        host: str | None,
-        password: str | None,
-        extra: Mapping[str, Any],
-        port: object = None,
-        schema: str | None = None,
-        overrides: Mapping[str, Any] | None = None,
+        cls, conn_id: str, fields: ConnectionFields, overrides: Mapping[str, Any] | None = None
     ) -> ClientSettings:
         """
-        Build settings from an Airflow connection's fields, with clear errors naming the connection.
-
-        Everything is checked here, before the key goes anywhere: the connection's type, its host and port, and
-        that plain http goes only to this machine unless the extra ``allow_insecure_http`` says otherwise.
+        Settings from a connection's fields, all checked before the key goes anywhere (type, host, port, scheme).
 
         :param conn_id: The connection id, for error messages.
-        :param conn_type: The connection's type; anything but ``ppio`` is refused (its password is not our key).
-        :param host: The base URL (scheme optional, https assumed).
-        :param password: The API key.
-        :param extra: The connection's extras: the fields above that are numbers, ``ca_bundle``, ``verify`` and
+        :param fields: The connection's fields; extras may set the numbers above, ``ca_bundle``, ``verify`` and
             ``allow_insecure_http``.
-        :param port: The connection's port, if any (it must agree with a port written in the host).
-        :param schema: The connection's schema: a URI's path (the base path), or ``http``/``https``.
         :param overrides: Values given to the hook directly; they win over the extras.
         """
+        conn_type, host, port, schema, password, extra = fields
         check_connection_type(conn_id, conn_type)
         api_key = (password or "").strip()
         if not api_key:
@@ -180,7 +155,7 @@ class ClientSettings:
         options = {**extra, **{k: v for k, v in (overrides or {}).items() if v is not None}}
         base_url = _base_url(conn_id, host, port, schema)
         insecure = urlsplit(base_url).scheme != "https" and not is_loopback(base_url)
-        if insecure and not _flag(conn_id, options, "allow_insecure_http"):
+        if insecure and not _flag(conn_id, options, "allow_insecure_http", False):
             raise PPIOConnectionConfigError(
                 f"Connection {conn_id!r}: Base URL {base_url} is plain http to a host that is not this machine: "
                 "the API key would travel in clear. Use https, or set the connection extra "
@@ -225,7 +200,7 @@ def _positive(conn_id: str, options: Mapping[str, Any], name: str, default: floa
 
 def check_connection_type(conn_id: str, conn_type: str | None) -> None:
     """
-    Refuse a connection of another type: its password belongs to another service and must not be sent as our key.
+    Refuse a connection of another type: its password belongs to another service.
 
     :param conn_id: The connection id, for the message.
     :param conn_type: The connection's type.
@@ -238,17 +213,14 @@ def check_connection_type(conn_id: str, conn_type: str | None) -> None:
         )
 
 
-def _flag(conn_id: str, options: Mapping[str, Any], name: str) -> bool:
-    """A true/false extra (JSON booleans, or the strings true/false, 1/0, yes/no, on/off); absent is false."""
-    value = options.get(name, False)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("true", "1", "yes", "on"):
-            return True
-        if word in ("false", "0", "no", "off", ""):
-            return False
-    if isinstance(value, bool) or value is None:
-        return bool(value)
+def _flag(conn_id: str, options: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A true/false extra (JSON booleans, or the strings true/false, 1/0, yes/no, on/off; empty is the default)."""
+    value = options.get(name)
+    word = value.strip().lower() if isinstance(value, str) else value
+    if word is None or word == "":
+        return default
+    if isinstance(word, bool) or word in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return word in (True, "true", "1", "yes", "on")
     raise PPIOConnectionConfigError(f"Connection {conn_id!r}: extra {name!r} must be true or false, got {value!r}")
 
 
@@ -275,8 +247,7 @@ def _base_url(conn_id: str, host: str | None, port: object = None, schema: str |
     :param conn_id: The connection id, for messages.
     :param host: The Base URL field.
     :param port: The port field; a port in the host too must be the same one.
-    :param schema: The schema field: the path of a URI (``ppio://:KEY@gw.example.com/ppio``), used as the base
-        path, or ``http``/``https`` as HTTP connections spell the scheme.
+    :param schema: A URI's path (the base path), or ``http``/``https``.
     """
     raw = (host or "").strip() or DEFAULT_BASE_URL
     base_path = (schema or "").strip()
@@ -348,14 +319,7 @@ def _base_url(conn_id: str, host: str | None, port: object = None, schema: str |
 
 def _tls_settings(conn_id: str, options: Mapping[str, Any]) -> TLSSettings:
     """The extras ``verify`` and ``ca_bundle`` first, then the CA variables of the environment, then certifi."""
-    verify = options.get("verify", True)
-    if isinstance(verify, str) and verify.strip().lower() in ("false", "0", "no", "off"):
-        verify = False
-    elif isinstance(verify, str) and verify.strip().lower() in ("true", "1", "yes", "on", ""):
-        verify = True
-    if not isinstance(verify, bool):
-        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: extra 'verify' must be true or false, got {verify!r}")
-    if not verify:
+    if not _flag(conn_id, options, "verify", True):
         return TLSSettings(verify=False, source="verification off")
     sources = [("connection extra 'ca_bundle'", options.get("ca_bundle"))]
     sources += [(name, os.environ.get(name)) for name in CA_BUNDLE_VARIABLES]
@@ -398,7 +362,7 @@ def is_loopback(base_url: str) -> bool:
 @dataclass(frozen=True)
 class Patience:
     """
-    How long a *wait* keeps asking, as opposed to a one-off call's ``max_attempts``.
+    How long a *wait* keeps asking (a one-off call stops after ``max_attempts``).
 
     :param unreachable_timeout: Seconds without a usable answer after which the wait fails.
     :param deadline: Unix time at which the wait ends anyway (the caller then reports a timeout); None for none.
@@ -441,11 +405,7 @@ def prewarm_task_path(task_id: object) -> str:
 
 def check_api_path(path: str) -> None:
     """
-    Refuse an API path that could leave the API's host or base path, or change the request's meaning.
-
-    Dot segments (``..``, ``.``) are refused in every spelling (``%2e%2e``, ``%2E.``, double-encoded, or
-    hidden behind ``%2F`` or ``;``): a client, proxy or server may resolve them, and under a base URL with a
-    path (``https://gw.example.com/ppio``) that would reach another service.
+    Refuse an API path that could leave the API's host or base path (dot segments in any spelling).
 
     :param path: An absolute path such as ``/gpus/v2/prewarm-tasks``.
     """
@@ -458,12 +418,7 @@ def check_api_path(path: str) -> None:
 
 
 def _decoded_segments(path: str) -> list[str]:
-    """
-    The segments of ``path`` as any server along the way might read them: percent-decoded until nothing changes
-    (double encoding), split on ``/`` and ``\\`` (an encoded ``%2F`` included), each cut at ``;``.
-
-    :param path: A URL path.
-    """
+    """The segments of ``path`` as any server might read them: fully percent-decoded, split on / and \\, cut at ;."""
     decoded = path
     for _ in range(5):
         again = unquote(decoded)
@@ -495,8 +450,7 @@ def request_headers(settings: ClientSettings, *, json_body: bool) -> dict[str, s
 
 class Answer:
     """
-    A complete HTTP answer as a transport read it. Its ``repr`` shows neither header values nor the body: a
-    traceback printed with its frames' locals must not show what the server echoed (the key, say).
+    A complete HTTP answer; its ``repr`` shows neither headers nor body (a traceback with locals must not).
 
     :param status: HTTP status code.
     :param headers: Response headers (case-insensitive mapping).
@@ -513,10 +467,7 @@ class Answer:
 
 
 def decode_answer(answer: Answer, *, method: str, path: str, secret: SecretStr, allow_empty: bool) -> Any:
-    """
-    :func:`interpret_response` for an :class:`Answer`; the error it stands for is returned, not raised, and
-    without the frames (and their locals, which hold the answer) it was built in. The caller raises it.
-    """
+    """:func:`interpret_response` for an :class:`Answer`; its error is returned without frames (they hold the answer)."""
     try:
         return interpret_response(
             method=method,
@@ -588,10 +539,8 @@ _JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 def decode_json(body: bytes | str) -> Any:
     """
-    ``json.loads`` that refuses nesting deeper than :data:`MAX_JSON_DEPTH` before parsing it (``RecursionError``).
-
-    The parser itself recurses: a body nested thousands deep would take the interpreter to its recursion limit,
-    where any finalizer that runs meanwhile fails too. Bodies with few brackets (a task) skip the scan.
+    ``json.loads`` that raises ``RecursionError`` on nesting deeper than :data:`MAX_JSON_DEPTH`, before the parser
+    recurses into it (a bracket scan outside strings; bodies with fewer brackets than the limit skip it).
 
     :param body: The raw JSON text.
     """
@@ -602,36 +551,10 @@ def decode_json(body: bytes | str) -> Any:
             depth += 1 if bracket.group() in (b"[", b"{") else -1
             if depth > MAX_JSON_DEPTH:
                 raise RecursionError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    return checked_depth(json.loads(body))
+    return json.loads(body)
 
 
-def checked_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> Any:
-    """
-    ``value`` unchanged if its containers nest at most ``limit`` deep; else raise ``RecursionError``.
-
-    Checked without recursion, so that nothing later (pydantic, XCom and trigger event serialization, logging)
-    meets a structure deep enough to exhaust the interpreter's stack.
-
-    :param value: Decoded JSON.
-    :param limit: Deepest nesting allowed.
-    """
-    level: list[Any] = [value]
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            raise RecursionError(f"JSON nested deeper than {limit} levels")
-        level = [
-            child
-            for node in level
-            if isinstance(node, (dict, list))
-            for child in (node.values() if isinstance(node, dict) else node)
-            if isinstance(child, (dict, list))
-        ]
-    return value
-
-
-_ERROR_CLASSES: dict[int, type[PPIOAPIError]] = {
+_ERROR_CLASSES: dict[int, type[PPIOError]] = {
     401: PPIOAuthError,
     403: PPIOAuthError,
     404: PPIONotFoundError,
@@ -639,7 +562,7 @@ _ERROR_CLASSES: dict[int, type[PPIOAPIError]] = {
     408: PPIOServerError,
     429: PPIORateLimitError,
 }
-_HINTS: dict[type[PPIOAPIError], str] = {
+_HINTS: dict[type[PPIOError], str] = {
     PPIOAuthError: "(check the API key in the connection's password field)",
     PPIONotFoundError: "(no such prewarm task)",
     PPIORateLimitError: "(rate limited)",
@@ -667,11 +590,8 @@ _QUOTA_STATUSES = frozenset({400, 403, 422, 429})
 
 def is_quota_refusal(status: int, api_message: str | None, api_reason: str | None) -> bool:
     """
-    Whether an error answer refuses a create because the account's prewarm limit is reached.
-
-    Classified by the answer's reason and message, in PPIO's words and the word "quota", whatever the status:
-    a bare "quota" counts where the status would otherwise be a bad request (a 429 "quota" is a rate limit,
-    a 403 "quota" a permission); words that name the prewarm limit count on 400, 403, 422 and 429.
+    Whether an error answer refuses a create because the prewarm limit is reached: PPIO's words for it on 400,
+    403, 422 and 429, or a bare "quota" on 400 and 422.
 
     :param status: The HTTP status.
     :param api_message: The answer's message.
@@ -687,7 +607,7 @@ def is_quota_refusal(status: int, api_message: str | None, api_reason: str | Non
 
 def _error_for_status(
     status: int, headers: Mapping[str, str], body: bytes, *, where: str, secret: SecretStr
-) -> PPIOAPIError:
+) -> PPIOError:
     """The typed error for an HTTP error response, with the API's message and reason (key scrubbed)."""
     api_message, api_reason = _parse_error_body(body, secret)
     api_message, api_reason = scrub(api_message, secret), scrub(api_reason, secret)  # again: snippet() joins whitespace
@@ -708,10 +628,7 @@ def _error_for_status(
 
 
 def _parse_error_body(body: bytes, secret: SecretStr) -> tuple[str | None, str | None]:
-    """
-    The message and reason of an error body whose shape is not documented: the first present of ``message``,
-    ``error.message``, ``msg``, ``error`` (a string) and ``detail``, else a snippet of the raw text.
-    """
+    """The message and reason of an undocumented error body (first of several known fields), else a snippet."""
     text = scrub(body.decode("utf-8", "replace").strip(), secret) or ""  # before any cut, which could keep a part
     if not text:
         return None, None
@@ -740,10 +657,7 @@ def _first_text(secret: SecretStr, *candidates: Any) -> str | None:
 
 
 def _parse_retry_after(value: str | None) -> float | None:
-    """
-    Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date). None when there is no usable
-    hint: absent, garbage, NaN or infinite, zero, negative, or a date that is not in the future.
-    """
+    """Seconds from a ``Retry-After`` header (seconds or an HTTP date); None unless finite and in the future."""
     if value is None or not value.strip():
         return None
     try:
@@ -780,11 +694,7 @@ _KEY_GAP = (
 
 @functools.lru_cache(maxsize=8)
 def _key_pattern(key: str) -> re.Pattern[str]:
-    """
-    A pattern for ``key`` in every form a server could echo it in: exact or in another case, each character
-    as itself, JSON-escaped (``\\u0073``), URL-encoded (``%73``) or an HTML entity, with whitespace (escaped or
-    not) between characters.
-    """
+    """``key`` in any case, each character plain, JSON-, URL- or HTML-escaped, with whitespace between."""
     forms = []
     for char in key:
         code = ord(char)
@@ -820,8 +730,7 @@ def server_text(text: str | bytes | None, secret: SecretStr | str | None, limit:
     """
     if text is None:
         return ""
-    # The whole text is scrubbed before the cut (answers are capped in size): a key whose parts lie on both
-    # sides of the cut must not leave its first part in the message.
+    # Scrubbed before the cut: a key across the cut must not leave its first part behind.
     raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     return snippet(scrub(raw, secret) or "", limit)
 
@@ -829,63 +738,34 @@ def server_text(text: str | bytes | None, secret: SecretStr | str | None, limit:
 # -- transport failures ----------------------------------------------------------------------------
 
 
-class Failure(enum.Enum):
-    """What went wrong below HTTP, as each transport classifies its library's exceptions."""
-
-    #: The certificate did not verify, or the server does not speak TLS: permanent.
-    TLS = "tls"
-    #: DNS says the host name does not exist: permanent.
-    UNKNOWN_HOST = "unknown host"
-    #: No connection was made (refused, unreachable, DNS not answering): the request never left.
-    NOT_CONNECTED = "not connected"
-    #: Connecting took longer than the connect timeout: the request never left.
-    CONNECT_TIMEOUT = "connect timeout"
-    #: The answer did not come within the timeout: the request may have been acted on.
-    TIMEOUT = "timeout"
-    #: The connection broke after the request was sent (reset, cut-off body).
-    BROKEN = "broken"
-
-
-def transport_error(
-    failure: Failure, *, where: str, settings: ClientSettings, err: BaseException
-) -> PPIOTransportError:
+def transport_error(err: BaseException, *, where: str, settings: ClientSettings, sent: bool) -> PPIOError:
     """
-    The typed error for a failure below HTTP, with a message that says what to fix when it is permanent.
+    The typed error for a failure below HTTP; a TLS failure or an unknown host is the connection's to fix.
 
-    :param failure: What the transport saw.
+    :param err: What the library raised; its chain is read for the ``ssl`` or ``socket`` error below it.
     :param where: ``METHOD path``, for the message.
     :param settings: The client settings (base URL, timeout, TLS).
-    :param err: What the library raised; its root cause is named.
+    :param sent: False when the transport knows no connection was made (the request never left).
     """
-    host, detail = settings.base_url, _root_cause(err, settings.secret)
-    if failure is Failure.TLS:
-        return PPIOTLSError(
+    host, detail, chain = settings.base_url, _root_cause(err, settings.secret), error_chain(err)
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return PPIOConnectionConfigError(
             f"{where}: the TLS handshake with {host} failed ({detail}). The CA setting used: "
             f"{settings.tls.describe()}. If the API is reached through a proxy or gateway with its own CA, give "
             "that CA's PEM file as the connection extra 'ca_bundle' (or REQUESTS_CA_BUNDLE / SSL_CERT_FILE, which "
-            "both the sync and the deferrable path read)",
-            request_sent=False,
+            "both the sync and the deferrable path read)"
         )
-    if failure is Failure.UNKNOWN_HOST:
-        return PPIOUnknownHostError(
-            f"{where}: the host of {host} does not exist ({detail}); check the connection's Base URL",
-            request_sent=False,
+    if any(isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME for e in chain):
+        return PPIOConnectionConfigError(
+            f"{where}: the host of {host} does not exist ({detail}); check the connection's Base URL"
         )
-    if failure in (Failure.TIMEOUT, Failure.CONNECT_TIMEOUT):
-        return PPIOTimeoutError(
-            f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})",
-            request_sent=failure is Failure.TIMEOUT,
-        )
-    return PPIOTransportError(
-        f"{where}: could not get an answer from {host}: {detail}", request_sent=failure is Failure.BROKEN
-    )
+    if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
+        return PPIOTransportError(f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})", request_sent=sent)
+    return PPIOTransportError(f"{where}: could not get an answer from {host}: {detail}", request_sent=sent)
 
 
 def _root_cause(err: BaseException, secret: SecretStr) -> str:
-    """
-    The innermost error's class and text, short and scrubbed: parser errors quote what the server sent (a bad
-    status line, a header, a chunk size), which may be the key echoed back.
-    """
+    """The innermost error's class and text, short and scrubbed (parser errors quote what the server sent)."""
     seen = error_chain(err)[-1]
     try:
         text = str(seen)
@@ -901,12 +781,7 @@ _NETWORK_MODULES = frozenset({"urllib3", "requests", "aiohttp", "ssl", "socket",
 
 
 def error_chain(err: BaseException) -> list[BaseException]:
-    """
-    ``err`` and what it wraps, outermost first, along ``reason``, the first argument, ``__cause__`` and a
-    network library's ``__context__``.
-
-    :param err: What the transport raised.
-    """
+    """``err`` and what it wraps, outermost first: ``reason``, the first argument, ``__cause__``, a library's ``__context__``."""
     chain: list[BaseException] = []
     current: BaseException | None = err
     while current is not None and len(chain) < 20 and not any(current is known for known in chain):
@@ -931,24 +806,19 @@ def _from_network_code(err: BaseException) -> bool:
     return isinstance(err, OSError) or type(err).__module__.split(".")[0] in _NETWORK_MODULES
 
 
-def timeout_error(where: str, settings: ClientSettings) -> PPIOTimeoutError:
+def timeout_error(where: str, settings: ClientSettings) -> PPIOTransportError:
     """The request (headers and body) did not complete within the timeout."""
-    return PPIOTimeoutError(f"{where}: no complete answer from {settings.base_url} within {settings.timeout:g}s")
+    return PPIOTransportError(f"{where}: no complete answer from {settings.base_url} within {settings.timeout:g}s")
 
 
 def too_large(where: str, limit: int = MAX_BODY_BYTES) -> PPIOBadResponseError:
-    """
-    The body is over the cap of its endpoint.
-
-    :param where: ``METHOD path``.
-    :param limit: The cap, in bytes.
-    """
+    """The body is over the cap of its endpoint (``limit`` bytes)."""
     size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 2**10} KiB"
     return PPIOBadResponseError(f"{where}: the answer is larger than {size}, the most this call reads")
 
 
 def undecodable(where: str, headers: Mapping[str, str], err: BaseException, secret: SecretStr) -> PPIOBadResponseError:
-    """The body does not decode as its ``Content-Encoding`` says (a broken proxy or server, not a network fault)."""
+    """The body does not decode as its ``Content-Encoding`` says (a broken server, not a network fault)."""
     encoding = server_text(headers.get("Content-Encoding", ""), secret, 100) or "none"
     return PPIOBadResponseError(
         f"{where}: the answer's body could not be decoded (Content-Encoding: {encoding}): {_root_cause(err, secret)}"

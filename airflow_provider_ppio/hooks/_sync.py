@@ -1,16 +1,8 @@
-"""
-The sync transport: ``requests`` with one keep-alive session per hook.
-
-Every attempt is bounded as a whole by :mod:`._deadline`'s watchdog (headers, body, trailers and
-decompression), its answer in size by a cap per endpoint; redirects are never followed, and every library
-exception becomes a typed :class:`~airflow_provider_ppio.exceptions.PPIOError`.
-"""
+"""The sync transport: ``requests``, one keep-alive session per hook, each attempt bounded by :mod:`._deadline`."""
 
 from __future__ import annotations
 
 import http.client
-import socket
-import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,13 +10,12 @@ from typing import Any
 import requests
 import urllib3
 
-from airflow_provider_ppio.exceptions import PPIOError, PPIOTransportError
+from airflow_provider_ppio.exceptions import PPIOError
 from airflow_provider_ppio.hooks._deadline import DeadlineAdapter, deadline
 from airflow_provider_ppio.hooks._shared import (
     MAX_BODY_BYTES,
     Answer,
     ClientSettings,
-    Failure,
     decode_answer,
     error_chain,
     request_headers,
@@ -60,7 +51,7 @@ def send(
     max_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
     """
-    One attempt on the hook's session: send, read the whole body within the timeout, decode it or raise.
+    One attempt: send, read the whole body within the timeout, decode it or raise.
 
     :param max_bytes: The most body bytes read (decoded); a longer answer is a bad response.
     """
@@ -87,11 +78,7 @@ def _exchange(
     json: Any,
     max_bytes: int,
 ) -> Answer | PPIOError:
-    """
-    Send one request and read its answer whole, under the caller's :func:`deadline`; a failure is returned, not
-    raised, so that the error the caller raises carries no library exception (whose text or frames may hold
-    what the server sent, or the request's headers).
-    """
+    """Send and read the whole answer; a failure is returned so the raised error carries no library exception."""
     where = f"{method} {path}"
     try:
         # The headers are built inside the call: no frame of this module holds the Authorization header.
@@ -124,10 +111,7 @@ def _exchange(
 
 
 def _read_body(response: requests.Response, where: str, max_bytes: int) -> bytes:
-    """
-    Read and decode the whole body (trailers included), bounded in size. Time is bounded by the deadline's
-    watchdog, which cuts the socket: a trickling body, trailer or gzip header cannot stall the call.
-    """
+    """Read and decode the whole body, bounded in size (time is bounded by the deadline's watchdog)."""
     raw = response.raw
     # read1 returns what has arrived (urllib3 2, whose decoders bound what one read may inflate to); urllib3 1.26
     # has only read, and inflates whatever it read at once: small reads there keep a gzip bomb's first step small
@@ -144,21 +128,8 @@ def _read_body(response: requests.Response, where: str, max_bytes: int) -> bytes
             raise too_large(where, max_bytes)
 
 
-def _transport_error(where: str, settings: ClientSettings, err: Exception) -> PPIOTransportError:
-    return transport_error(_classify(err), where=where, settings=settings, err=err)
-
-
-def _classify(err: BaseException) -> Failure:
-    """Read requests' and urllib3's exception chain for what happened."""
-    chain = error_chain(err)
-    if any(isinstance(e, (requests.exceptions.SSLError, ssl.SSLError, urllib3.exceptions.SSLError)) for e in chain):
-        return Failure.TLS
-    if any(isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME for e in chain):
-        return Failure.UNKNOWN_HOST
-    if isinstance(err, requests.ConnectTimeout):
-        return Failure.CONNECT_TIMEOUT
-    if any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
-        return Failure.NOT_CONNECTED
-    if any(isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)) for e in chain):
-        return Failure.TIMEOUT
-    return Failure.BROKEN
+def _transport_error(where: str, settings: ClientSettings, err: Exception) -> PPIOError:
+    never_connected = isinstance(err, requests.ConnectTimeout) or any(
+        isinstance(e, urllib3.exceptions.NewConnectionError) for e in error_chain(err)
+    )
+    return transport_error(err, where=where, settings=settings, sent=not never_connected)

@@ -142,16 +142,7 @@ class PPIOHook(BaseHook):
 
     def _build_settings(self, fields: ConnectionFields) -> ClientSettings:
         """Settings from the connection's fields, checked (type, host, port, scheme) before the key goes anywhere."""
-        settings = ClientSettings.from_connection(
-            self.ppio_conn_id,
-            conn_type=fields.conn_type,
-            host=fields.host,
-            port=fields.port,
-            schema=fields.schema,
-            password=fields.password,
-            extra=fields.extra,
-            overrides=self._overrides,
-        )
+        settings = ClientSettings.from_connection(self.ppio_conn_id, fields, self._overrides)
         if not settings.base_url.startswith("https://") and not is_loopback(settings.base_url):
             self.log.warning(
                 "Connection %r sends the API key over plain http to %s (allow_insecure_http is set); use https",

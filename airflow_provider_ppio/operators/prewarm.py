@@ -32,7 +32,7 @@ from airflow_provider_ppio.exceptions import (
 )
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH, PPIOHookMixin, check_seconds
-from airflow_provider_ppio.status import Outcome, log_waiting
+from airflow_provider_ppio.status import Outcome
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -648,6 +648,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
         if outcome is Outcome.SUCCEEDED:
             return True
+        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
+
         log_waiting(self.log, task)
         return False
 

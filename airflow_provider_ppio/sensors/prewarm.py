@@ -32,7 +32,7 @@ except ImportError:  # Airflow 2.11
 
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import PPIOHookMixin, check_seconds
-from airflow_provider_ppio.status import Outcome, log_waiting
+from airflow_provider_ppio.status import Outcome
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -301,6 +301,8 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
             raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
+        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
+
         log_waiting(self.log, task, _age(task))
         return False
 

@@ -282,7 +282,7 @@ def test_every_attempt_ends_within_its_timeout(
 ) -> None:
     serve(behaviour, max_attempts=1)
     _, err, seconds = get_task(mode)
-    assert type(err).__name__ == "PPIOTimeoutError", f"{case}: {err!r}"
+    assert type(err).__name__ == "PPIOTransportError" and "within" in str(err), f"{case}: {err!r}"
     # The bound is the timeout (1 s) plus scheduling slack, not a multiple of it.
     assert seconds < TIMEOUT + 0.6, f"{case} ({mode}): ended after {seconds:.2f}s with a {TIMEOUT:g}s timeout"
 
@@ -398,7 +398,7 @@ def test_a_gzip_bomb_is_refused_at_the_cap(serve: Callable[..., HostileServer], 
 def test_a_long_status_value_is_quoted_short_in_the_log(serve: Callable[..., HostileServer], mode: str) -> None:
     import logging
 
-    from airflow_provider_ppio.status import log_waiting
+    from airflow_provider_ppio.models import log_waiting
 
     status = "q" * 150_000  # a status value of 150 KB, under the task cap
     serve(_send(response(200, json_body(task(status={"status": status, "message": "m" * 50_000})))))

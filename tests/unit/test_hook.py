@@ -30,7 +30,6 @@ from airflow_provider_ppio.exceptions import (
     PPIOQuotaExceededError,
     PPIORateLimitError,
     PPIOServerError,
-    PPIOTimeoutError,
     PPIOTransportError,
 )
 from airflow_provider_ppio.hooks._shared import MAX_BODY_BYTES
@@ -1027,7 +1026,7 @@ def test_requests_timeouts_become_ppio_timeout_errors(
     hook: PPIOHook, requests_mock: rm.Mocker, task_url: str, sleeps: list[float], exc: type[Exception], sent: bool
 ) -> None:
     requests_mock.get(task_url, exc=exc("timed out"))
-    with pytest.raises(PPIOTimeoutError, match="did not answer") as info:
+    with pytest.raises(PPIOTransportError, match="did not answer") as info:
         hook.get_prewarm_task("pw-1")
     assert info.value.request_sent is sent
     assert info.value.transient
@@ -1097,7 +1096,7 @@ def test_a_trickling_body_cannot_outlast_the_timeout(
 ) -> None:
     # Each byte arrives well within the read timeout; only the per-attempt deadline can stop this.
     set_conn(host=f"http://127.0.0.1:{trickling_server.port}", extra={"timeout": 0.3, "max_attempts": 1})
-    with pytest.raises(PPIOTimeoutError, match=r"no complete answer .* within"):
+    with pytest.raises(PPIOTransportError, match=r"no complete answer .* within"):
         PPIOHook().get_prewarm_task("pw-1")
     assert trickling_server.requests == 1
 

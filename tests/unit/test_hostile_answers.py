@@ -15,14 +15,13 @@ from airflow_provider_ppio.exceptions import PPIOBadResponseError, PPIOServerErr
 from airflow_provider_ppio.hooks._shared import (
     MAX_JSON_DEPTH,
     Answer,
-    checked_depth,
     decode_answer,
     interpret_response,
     scrub,
     server_text,
 )
-from airflow_provider_ppio.models import MAX_UNIX_SECONDS, PrewarmTask
-from airflow_provider_ppio.status import clip, log_waiting
+from airflow_provider_ppio.models import MAX_UNIX_SECONDS, PrewarmTask, log_waiting
+from airflow_provider_ppio.status import clip
 
 KEY = "sk_Unit7Rq2Wz9Lp4Xc8Vb3Nm6"
 SECRET = SecretStr(KEY)
@@ -89,10 +88,14 @@ def _nested(depth: int) -> Any:
     return value
 
 
-def test_checked_depth_accepts_the_limit_and_refuses_one_more() -> None:
-    assert checked_depth(_nested(MAX_JSON_DEPTH)) is not None
-    with pytest.raises(RecursionError):
-        checked_depth(_nested(MAX_JSON_DEPTH + 1))
+def test_json_at_the_depth_limit_is_read_and_one_more_level_is_refused() -> None:
+    def answer(depth: int) -> Any:
+        body = json.dumps(_nested(depth)).encode()
+        return interpret_response(method="GET", path="/p", status=200, headers={}, body=body, secret=SECRET)
+
+    assert answer(MAX_JSON_DEPTH) is not None
+    with pytest.raises(PPIOBadResponseError, match="nested deeper"):
+        answer(MAX_JSON_DEPTH + 1)
 
 
 @pytest.mark.parametrize("status", [200, 500])

@@ -14,7 +14,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOQuotaExceededError,
     PPIORateLimitError,
     PPIOServerError,
-    PPIOTimeoutError,
+    PPIOTransportError,
 )
 from airflow_provider_ppio.hooks.ppio import DELETE_BATCH_SIZE, PPIOHook
 from tests.conftest import API_KEY, task_json
@@ -125,7 +125,7 @@ def test_create_is_not_resent_after_a_server_error(hook: PPIOHook, requests_mock
 def test_create_is_not_resent_after_a_read_timeout(hook: PPIOHook, requests_mock: rm.Mocker) -> None:
     requests_mock.post(TASKS, [{"exc": requests.exceptions.ReadTimeout}, {"json": {"task_id": "x"}}])
 
-    with pytest.raises(PPIOTimeoutError) as caught:
+    with pytest.raises(PPIOTransportError) as caught:
         hook.create_prewarm_task(IMAGE, "us-east-1")
     assert caught.value.request_sent is True
     assert len(posts(requests_mock)) == 1

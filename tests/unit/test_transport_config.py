@@ -32,9 +32,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOBadResponseError,
     PPIOConnectionConfigError,
     PPIOError,
-    PPIOTLSError,
     PPIOTransportError,
-    PPIOUnknownHostError,
 )
 from airflow_provider_ppio.hooks import _async, _sync
 from airflow_provider_ppio.hooks._shared import CA_BUNDLE_VARIABLES
@@ -159,7 +157,7 @@ def test_without_the_ca_every_path_fails_at_once_naming_the_ca_setting_used(
         monkeypatch.setenv(source, certifi.where())
     set_conn(host=tls_emulator.base_url, password=tls_emulator.api_key, extra=extra)
 
-    error = assert_raises_at_once(path, PPIOTLSError)
+    error = assert_raises_at_once(path, PPIOConnectionConfigError)
 
     message = str(error)
     assert named in message
@@ -239,7 +237,7 @@ def test_a_host_that_does_not_exist_fails_at_once(
 ) -> None:
     set_conn(host=f"{scheme}://api.nowhere.test", extra={"backoff_initial": 2, "allow_insecure_http": True})
 
-    error = assert_raises_at_once(path, PPIOUnknownHostError, match="does not exist")
+    error = assert_raises_at_once(path, PPIOConnectionConfigError, match="does not exist")
 
     assert "api.nowhere.test" in str(error)
     assert lookups == ["api.nowhere.test"]  # looked up once: not retried
@@ -331,7 +329,7 @@ def test_both_transports_use_the_proxy_the_environment_names(
     assert "api.ppio.test" not in lookups  # the proxy resolves the API's name, not us
 
     set_conn(host="http://bypassed.nowhere.test", extra={"allow_insecure_http": True})
-    with pytest.raises(PPIOUnknownHostError):  # tried directly, as NO_PROXY says
+    with pytest.raises(PPIOConnectionConfigError):  # tried directly, as NO_PROXY says
         read(path)
     assert len(proxy.seen) == 1
 
