@@ -108,7 +108,7 @@ ROWS: list[Row] = [
         "tls",
         "TLS verification failure (a certificate no trusted CA signed)",
         "the HTTPS emulator without its CA in `ca_bundle`",
-        at_once("PPIOTLSError"),
+        at_once("PPIOConnectionConfigError"),
     ),
     Row(
         "2",
@@ -122,7 +122,7 @@ ROWS: list[Row] = [
         "dns",
         "DNS: the host name does not exist",
         "a made-up host; `socket.getaddrinfo` patched to answer `EAI_NONAME`",
-        at_once("PPIOUnknownHostError"),
+        at_once("PPIOConnectionConfigError"),
     ),
     Row("4", "refused", "connection refused", "a closed port", UNREACHABLE),
     Row(

@@ -468,7 +468,7 @@ SCENARIOS += [
         "no answer within the timeout, ever",
         "raw socket: reads the request, never answers; timeout=0.5, 2 attempts",
         _raw("silent"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        expect=persists("PPIOTransportError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
     ),
     scenario(
@@ -476,7 +476,7 @@ SCENARIOS += [
         "headers trickled one byte per 20 ms, forever",
         "raw socket: status line, then one header byte every 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_headers"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        expect=persists("PPIOTransportError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
     ),
     scenario(
@@ -485,7 +485,7 @@ SCENARIOS += [
         "raw socket: chunked body, a 1-byte chunk every 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_body"),
         expect=persists(
-            "PPIOTimeoutError", "", 2, (2, None)
+            "PPIOTransportError", "", 2, (2, None)
         ),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
     ),
@@ -495,7 +495,7 @@ SCENARIOS += [
         "emulator `trickle` fault, interval=0.05; timeout=0.5, 2 attempts",
         lambda arena: arena.fault("trickle", interval=0.05),
         expect=persists(
-            "PPIOTimeoutError", "", 2, (2, None)
+            "PPIOTransportError", "", 2, (2, None)
         ),  # the sync and async texts differ; the class is the point
         extra=SLOW_EXTRA,
     ),
@@ -679,14 +679,14 @@ SCENARIOS += [
         "TLS verification fails (a certificate no trusted CA signed)",
         "the HTTPS emulator with a fresh CA, not in `ca_bundle` nor the environment",
         lambda arena: arena.tls_unverified(),
-        expect=permanent("PPIOTLSError", "the TLS handshake with", None),
+        expect=permanent("PPIOConnectionConfigError", "the TLS handshake with", None),
     ),
     scenario(
         "unknown-host",
         "the host name does not exist (DNS)",
         "a made-up host; `socket.getaddrinfo` patched to answer `EAI_NONAME`",
         lambda arena: arena.unknown_host(),
-        expect=permanent("PPIOUnknownHostError", "does not exist", None),
+        expect=permanent("PPIOConnectionConfigError", "does not exist", None),
     ),
     # -- a hostile network (issue 23) ---------------------------------------------------------------------------
     scenario(
@@ -722,7 +722,7 @@ SCENARIOS += [
         "a gzip header whose comment field trickles one byte per 20 ms, forever",
         "raw socket: `Content-Encoding: gzip`, header with FLG.FCOMMENT, then 1 byte / 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_gzip_comment"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        expect=persists("PPIOTransportError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
     ),
     scenario(
@@ -730,7 +730,7 @@ SCENARIOS += [
         "chunked trailers that trickle one byte per 20 ms, forever",
         "raw socket: complete chunked body, then `X-Trailer: ` 1 byte / 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_trailers"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        expect=persists("PPIOTransportError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
     ),
     scenario(
@@ -738,7 +738,7 @@ SCENARIOS += [
         "a chunk extension that trickles one byte per 20 ms, forever",
         "raw socket: `2;ext=` then 1 byte / 20 ms; timeout=0.5, 2 attempts",
         _raw("trickle_chunk_extension"),
-        expect=persists("PPIOTimeoutError", "0.5s", 2, (2, None)),
+        expect=persists("PPIOTransportError", "0.5s", 2, (2, None)),
         extra=SLOW_EXTRA,
     ),
     scenario(
