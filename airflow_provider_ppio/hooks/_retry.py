@@ -1,20 +1,13 @@
-"""
-The one retry policy of both transports: :class:`RetryPolicy` gives ``tenacity.Retrying`` (sync) and
-``tenacity.AsyncRetrying`` (async) the same stop, wait, retry and before_sleep callables.
-
-Kept apart from :mod:`._shared`, which the trigger module imports at DAG parse time, so that parsing a
-DAG does not import tenacity.
-"""
+"""The one retry policy of both transports: which errors are retried, how long to wait, when to give up."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
-
-from tenacity import AsyncRetrying, RetryCallState, Retrying
 
 from airflow_provider_ppio.exceptions import PPIOError, PPIORateLimitError, PPIOTransportError, PPIOUnreachableError
 from airflow_provider_ppio.hooks._shared import ClientSettings, Patience, scrub
@@ -42,8 +35,8 @@ def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
     Whether a failed attempt should be tried again.
 
     :param error: What the attempt raised.
-    :param idempotent: False for requests that must not run twice (create): then only errors that
-        prove the server did not act are retried: a connection never made and a 429.
+    :param idempotent: False for requests that must not run twice (create): then only errors that prove the
+        server did not act are retried (a connection never made, a 429).
     """
     if not isinstance(error, PPIOError) or not error.transient:
         return False
@@ -55,9 +48,7 @@ def is_retryable(error: BaseException, *, idempotent: bool = True) -> bool:
 def backoff(settings: ClientSettings, attempt: int) -> float:
     """
     The wait after failed attempt ``attempt`` (1, 2, ...): ``backoff_initial`` doubled per attempt, capped at
-    ``retry_wait_max``, then a random half of it dropped, and never under :data:`MIN_WAIT`. The jitter grows
-    with the wait, so waits that failed together (thousands of triggers in one outage) spread out instead of
-    coming back in waves.
+    ``retry_wait_max``, less a random half at most (so that waits that failed together spread out).
 
     :param settings: ``backoff_initial`` and ``retry_wait_max``.
     :param attempt: The attempt that just failed.
@@ -68,13 +59,9 @@ def backoff(settings: ClientSettings, attempt: int) -> float:
 
 class RetryPolicy:
     """
-    How one call retries, for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying`` alike.
-
-    Transient errors (network, timeouts, 429, 5xx) are retried after :func:`backoff`. A 429's ``Retry-After``
-    can make that wait longer, never shorter, and is capped at ``retry_wait_max``. A call stops after
-    ``max_attempts``; a wait (``patience``) goes on until ``unreachable_timeout`` or its deadline, with a last
-    attempt at the limit. The WARNING before a wait is logged when the error changes, then at most every
-    :data:`SUMMARY_EVERY` seconds as a summary; the lines in between go to DEBUG.
+    How one call retries: transient errors after :func:`backoff` (a 429's ``Retry-After`` may lengthen the wait,
+    up to ``retry_wait_max``), until ``max_attempts`` or, for a wait (``patience``), its time is up. A WARNING is
+    logged when the error changes, then at most every :data:`SUMMARY_EVERY` seconds; the rest goes to DEBUG.
 
     :param settings: Attempts and waits come from here.
     :param what: ``METHOD path``, for log lines and messages.
@@ -95,69 +82,8 @@ class RetryPolicy:
         self.settings, self.what, self.log = settings, what, log
         self.idempotent, self.patience = idempotent, patience
         self.started = time.monotonic()  # built just before the call's first try
-        self._failures = 0
         self._logged_kind: tuple[object, ...] | None = None
         self._logged_at = 0.0
-
-    # -- tenacity's callables ----------------------------------------------------------------------
-
-    def retry(self, retry_state: RetryCallState) -> bool:
-        """Whether the attempt that just failed should be tried again."""
-        error = _error(retry_state)
-        return error is not None and is_retryable(error, idempotent=self.idempotent)
-
-    def stop(self, retry_state: RetryCallState) -> bool:
-        """Whether to give up: ``max_attempts`` reached, or the wait's time used up."""
-        if self.patience is None:
-            return retry_state.attempt_number >= self.settings.max_attempts
-        return self.patience.remaining(self.started) <= 0
-
-    def wait(self, retry_state: RetryCallState) -> float:
-        """Seconds before the next attempt."""
-        error = _error(retry_state)
-        seconds = backoff(self.settings, retry_state.attempt_number)
-        if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
-            seconds = max(seconds, min(error.retry_after, self.settings.retry_wait_max))
-        if self.patience is not None:
-            seconds = min(seconds, max(0.0, self.patience.remaining(self.started)))
-        return seconds
-
-    def before_sleep(self, retry_state: RetryCallState) -> None:
-        """Say that a retry is coming: in full when the error changed, else a summary now and then."""
-        error = _error(retry_state)
-        self._failures += 1
-        now = time.monotonic()
-        kind = (type(error), getattr(error, "http_status", None), getattr(error, "request_sent", None))
-        text = scrub(str(error), self.settings.secret)
-        seconds = retry_state.upcoming_sleep
-        if self.patience is None:
-            then = (
-                f"retrying in {seconds:.3g}s (attempt {retry_state.attempt_number + 1} of {self.settings.max_attempts})"
-            )
-        else:
-            then = f"retrying in {seconds:.3g}s (giving up after {self.patience.unreachable_timeout:g}s)"
-        if kind != self._logged_kind:
-            self._logged_kind, self._logged_at = kind, now
-            self.log.warning("PPIO API %s failed (%s); %s", self.what, text, then)
-        elif now - self._logged_at >= SUMMARY_EVERY:
-            self._logged_at = now
-            elapsed = now - self.started
-            line = "PPIO API %s still failing: %d failed attempts in %.0fs, last error: %s; %s"
-            self.log.warning(line, self.what, self._failures, elapsed, text, then)
-        else:
-            self.log.debug("PPIO API %s failed again (%s); %s", self.what, text, then)
-
-    # -- running a call ----------------------------------------------------------------------------
-
-    def arguments(self) -> dict[str, Any]:
-        """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""
-        return {
-            "stop": self.stop,
-            "wait": self.wait,
-            "retry": self.retry,
-            "before_sleep": self.before_sleep,
-            "reraise": True,
-        }
 
     def call(self, attempt: Callable[[], T]) -> T:
         """
@@ -165,42 +91,78 @@ class RetryPolicy:
 
         :param attempt: One try.
         """
-        # Nearly every poll succeeds at once: the first try builds no retry state. If it fails, tenacity
-        # gets its error as its own first attempt and decides from there.
-        try:
-            return attempt()
-        except PPIOError as error:
-            first = error
-        try:
-            result = Retrying(**self.arguments())(_replay(first, attempt))
-        except PPIOError as error:
-            raise self._gave_up(error) from None
-        self._recovered()
-        return result
+        for number in itertools.count(1):
+            try:
+                result = attempt()
+            except PPIOError as error:
+                seconds = self._after_failure(error, number)
+                if seconds is None:
+                    raise self._gave_up(error) from None
+                time.sleep(seconds)
+                continue
+            return self._succeeded(result, number)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """
-        Async :meth:`call`, on ``tenacity.AsyncRetrying``.
+        Async :meth:`call`.
 
         :param attempt: One try (a new coroutine per call).
         """
-        try:
-            return await attempt()
-        except PPIOError as error:
-            first = error
-        try:
-            result: T = await AsyncRetrying(sleep=_asleep, **self.arguments())(_areplay(first, attempt))
-        except PPIOError as error:
-            raise self._gave_up(error) from None
-        self._recovered()
+        for number in itertools.count(1):
+            try:
+                result = await attempt()
+            except PPIOError as error:
+                seconds = self._after_failure(error, number)
+                if seconds is None:
+                    raise self._gave_up(error) from None
+                await _asleep(seconds)
+                continue
+            return self._succeeded(result, number)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _after_failure(self, error: PPIOError, number: int) -> float | None:
+        """Seconds before the next attempt (the retry logged), or None to give up."""
+        if not is_retryable(error, idempotent=self.idempotent):
+            return None
+        if self.patience is None:
+            if number >= self.settings.max_attempts:
+                return None
+        elif self.patience.remaining(self.started) <= 0:
+            return None
+        seconds = backoff(self.settings, number)
+        if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
+            seconds = max(seconds, min(error.retry_after, self.settings.retry_wait_max))
+        if self.patience is None:
+            then = f"retrying in {seconds:.3g}s (attempt {number + 1} of {self.settings.max_attempts})"
+        else:
+            seconds = min(seconds, max(0.0, self.patience.remaining(self.started)))
+            then = f"retrying in {seconds:.3g}s (giving up after {self.patience.unreachable_timeout:g}s)"
+        self._log_retry(error, number, then)
+        return seconds
+
+    def _log_retry(self, error: PPIOError, failures: int, then: str) -> None:
+        """In full when the error changed, else a summary now and then, and DEBUG in between."""
+        now = time.monotonic()
+        kind = (type(error), error.http_status, getattr(error, "request_sent", None))
+        text = scrub(str(error), self.settings.secret)
+        if kind != self._logged_kind:
+            self._logged_kind, self._logged_at = kind, now
+            self.log.warning("PPIO API %s failed (%s); %s", self.what, text, then)
+        elif now - self._logged_at >= SUMMARY_EVERY:
+            self._logged_at = now
+            line = "PPIO API %s still failing: %d failed attempts in %.0fs, last error: %s; %s"
+            self.log.warning(line, self.what, failures, now - self.started, text, then)
+        else:
+            self.log.debug("PPIO API %s failed again (%s); %s", self.what, text, then)
+
+    def _succeeded(self, result: T, number: int) -> T:
+        if number > 1:
+            elapsed = time.monotonic() - self.started
+            self.log.info("PPIO API %s answered after %d failed attempt(s) in %.0fs", self.what, number - 1, elapsed)
         return result
 
-    def _recovered(self) -> None:
-        elapsed = time.monotonic() - self.started
-        self.log.info("PPIO API %s answered after %d failed attempt(s) in %.0fs", self.what, self._failures, elapsed)
-
     def _gave_up(self, error: PPIOError) -> PPIOError:
-        """The last error, or for a wait out of ``unreachable_timeout``, :class:`PPIOUnreachableError` naming it."""
         return error if self.patience is None else gave_up(error, self.patience, self.what)
 
 
@@ -220,35 +182,6 @@ def gave_up(error: PPIOError, patience: Patience, what: str) -> PPIOError:
         f"(unreachable_timeout); last error: {error}",
         request_sent=True,
     )
-
-
-def _error(retry_state: RetryCallState) -> BaseException | None:
-    outcome = retry_state.outcome
-    return outcome.exception() if outcome is not None else None
-
-
-def _replay(first: PPIOError, attempt: Callable[[], T]) -> Callable[[], T]:
-    """``attempt``, whose first call raises ``first`` (the try made before tenacity) instead of trying again."""
-    pending = [first]
-
-    def again() -> T:
-        if pending:
-            raise pending.pop()
-        return attempt()
-
-    return again
-
-
-def _areplay(first: PPIOError, attempt: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-    """Async :func:`_replay`."""
-    pending = [first]
-
-    async def again() -> T:
-        if pending:
-            raise pending.pop()
-        return await attempt()
-
-    return again
 
 
 async def _asleep(seconds: float) -> None:
