@@ -1,12 +1,6 @@
 """
-A total deadline for one sync request: headers, body, trailers and decompression.
-
-``requests`` only knows per-read timeouts: a server that sends one header byte every second (or one
-body byte, one trailer byte, one byte of a gzip header's comment field) never trips them, and the call
-would never end. Connections made through :class:`DeadlineAdapter` arm a watchdog when they start
-waiting for the headers, and it stays armed until the :func:`deadline` block ends, so the body is read
-under it too. At the deadline it shuts the socket down, which ends the blocked read, and
-:attr:`Deadline.fired` tells the hook to report a timeout.
+A total deadline for one sync request, headers to the end of the body: ``requests`` only bounds each read, so a
+server trickling one byte a second would never time out. A watchdog thread shuts the socket down at the deadline.
 """
 
 from __future__ import annotations
@@ -30,16 +24,11 @@ from urllib3.poolmanager import PoolManager, ProxyManager
 
 
 class Deadline:
-    """
-    The monotonic time by which one attempt must have its whole answer.
-
-    :param at: ``time.monotonic()`` value of the deadline.
-    """
+    """The ``time.monotonic()`` value ``at`` which one attempt must have its whole answer."""
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.fired = False
-        #: The watchdog entries armed for this deadline, disarmed when its block ends.
         self.keys: list[int] = []
 
 
@@ -48,11 +37,7 @@ _CURRENT: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("ppio
 
 @contextlib.contextmanager
 def deadline(at: float) -> Iterator[Deadline]:
-    """
-    Apply a deadline to the requests made inside the block (in this thread or context).
-
-    :param at: ``time.monotonic()`` value of the deadline.
-    """
+    """Apply a deadline (``time.monotonic()`` value ``at``) to the requests made inside the block."""
     current = Deadline(at)
     token = _CURRENT.set(current)
     try:
@@ -71,19 +56,12 @@ def _cut(current: Deadline, sock: socket.socket) -> None:
 
 
 class _Watchdog:
-    """
-    One daemon thread that cuts the sockets whose deadlines pass, for every request of the process.
-
-    Cheaper than a ``threading.Timer`` (a new thread) per request: arming and disarming is a heap
-    push and two lock round trips. Cuts happen under the lock, so a request that disarms in time is
-    never cut, as with ``Timer.cancel``.
-    """
+    """One daemon thread that cuts sockets whose deadlines pass (under the lock: one disarmed in time is never cut)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Start with no deadlines, no thread and a fresh lock."""
         self._lock = threading.Condition()
         self._heap: list[tuple[float, int]] = []
         self._armed: dict[int, tuple[Deadline, socket.socket]] = {}
@@ -129,10 +107,7 @@ class _Watchdog:
 
 
 class _NoServerHeaders(logging.Filter):
-    """
-    urllib3 logs the raw header text it could not parse, which a hostile server can make the API key; for our
-    requests (inside :func:`deadline`) the line keeps the URL and drops the text and its traceback.
-    """
+    """urllib3 logs header text it could not parse (maybe the echoed key): for our requests, keep only the URL."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _CURRENT.get() is not None and str(record.msg).startswith("Failed to parse headers"):
@@ -160,7 +135,7 @@ class _DeadlineMixin:
         sock = self.sock
         if current is None or sock is None:
             return super().getresponse()  # type: ignore[misc]
-        # Armed until the deadline's block ends (see the module docstring), not only for the headers.
+        # Armed until the deadline's block ends, so the body is read under it too.
         current.keys.append(_WATCHDOG.arm(current, sock))
         return super().getresponse()  # type: ignore[misc]
 
@@ -188,7 +163,6 @@ class DeadlineAdapter(HTTPAdapter):
     """An ``HTTPAdapter`` whose connections honour :func:`deadline` from the headers to the end of the body."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        """Build the pool manager with deadline-aware connection pools."""
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
 

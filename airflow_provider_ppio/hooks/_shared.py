@@ -467,7 +467,7 @@ class Answer:
 
 
 def decode_answer(answer: Answer, *, method: str, path: str, secret: SecretStr, allow_empty: bool) -> Any:
-    """:func:`interpret_response` for an :class:`Answer`; its error is returned without frames (they hold the answer)."""
+    """:func:`interpret_response` for an :class:`Answer`; its error is returned without frames (they hold it)."""
     try:
         return interpret_response(
             method=method,
@@ -760,7 +760,8 @@ def transport_error(err: BaseException, *, where: str, settings: ClientSettings,
             f"{where}: the host of {host} does not exist ({detail}); check the connection's Base URL"
         )
     if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
-        return PPIOTransportError(f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})", request_sent=sent)
+        message = f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})"
+        return PPIOTransportError(message, request_sent=sent)
     return PPIOTransportError(f"{where}: could not get an answer from {host}: {detail}", request_sent=sent)
 
 
@@ -781,7 +782,7 @@ _NETWORK_MODULES = frozenset({"urllib3", "requests", "aiohttp", "ssl", "socket",
 
 
 def error_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and what it wraps, outermost first: ``reason``, the first argument, ``__cause__``, a library's ``__context__``."""
+    """``err`` and what it wraps, outermost first (``reason``, ``args[0]``, ``__cause__``, a library's context)."""
     chain: list[BaseException] = []
     current: BaseException | None = err
     while current is not None and len(chain) < 20 and not any(current is known for known in chain):

@@ -46,9 +46,7 @@ from airflow_provider_ppio.models import (
 
 #: Ids per DELETE request (the API documents no limit; this keeps each body small).
 DELETE_BATCH_SIZE = 100
-#: Most pages one list walk reads before it stops with a ``PPIOBadResponseError`` (a paging API that hands
-#: out a new cursor forever would otherwise be walked without end). At the default 50 tasks a page this is
-#: 50,000 tasks; the account's quota keeps real lists far shorter.
+#: Most pages one list walk reads before it stops with a ``PPIOBadResponseError`` (a cursor given forever).
 MAX_PAGES_PER_WALK = 1000
 #: Longest ``next_cursor`` accepted: it goes back into the next request's query string.
 MAX_CURSOR_LENGTH = 2048
@@ -56,16 +54,7 @@ MAX_CURSOR_LENGTH = 2048
 
 class PPIOHook(BaseHook):
     """
-    Talks to the PPIO (or Novita AI) GPU API v2 with an API key kept in an Airflow connection.
-
-    The connection (type ``ppio``; any other type is refused before a request) has the API key as its
-    password and the base URL as its host (default ``https://api.ppio.com``; Novita AI users set
-    ``https://api.novita.ai``), with an optional port (or one in the host; the two must agree). Its
-    extras may set ``timeout`` (seconds per request, default 30), ``max_attempts`` (tries per call,
-    default 5), ``unreachable_timeout`` (how long a wait bears an API that gives no usable answer,
-    default 600), ``ca_bundle`` (a CA file for TLS), ``verify`` (false turns certificate checks off)
-    and ``allow_insecure_http`` (true lets plain http go to a host other than this machine). Both
-    transports read the same settings.
+    Talks to the PPIO (or Novita AI) GPU API v2 with the API key of a ``ppio`` connection (docs/connection.md).
 
     :param ppio_conn_id: The Airflow connection id.
     :param timeout: Overrides the connection's request timeout, in seconds.
@@ -104,13 +93,11 @@ class PPIOHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Relabel and hide connection-form fields (Airflow 2.11; Airflow 3 reads provider info)."""
-        # Provider info spells the keys kebab-case ("hidden-fields"); this method's contract is snake_case.
         return {key.replace("-", "_"): value.copy() for key, value in UI_FIELD_BEHAVIOUR.items()}
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """Extra fields of the connection form (Airflow 2.11's Flask UI)."""
-        # Flask and WTForms exist only in 2.11's webserver: imported where that UI asks.
+        """Extra fields of the connection form (Airflow 2.11's Flask UI, whose imports exist only there)."""
         from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
         from flask_babel import lazy_gettext
         from wtforms import IntegerField, StringField
@@ -141,7 +128,7 @@ class PPIOHook(BaseHook):
         return self._async_settings
 
     def _build_settings(self, fields: ConnectionFields) -> ClientSettings:
-        """Settings from the connection's fields, checked (type, host, port, scheme) before the key goes anywhere."""
+        """Settings from the connection's fields, with a warning for plain http or verify=false."""
         settings = ClientSettings.from_connection(self.ppio_conn_id, fields, self._overrides)
         if not settings.base_url.startswith("https://") and not is_loopback(settings.base_url):
             self.log.warning(
@@ -208,12 +195,8 @@ class PPIOHook(BaseHook):
         note: str | None = None,
     ) -> str:
         """
-        Start prewarming ``image`` in ``region_id`` and return the new task's id.
-
-        A create is retried only when the API surely did not act on it: when no connection was
-        made, or on a 429. After a timeout, a reset connection or a 5xx the request may have
-        created a task, so the error is raised instead of sending a second create; look the task up
-        with :meth:`list_prewarm_tasks` (the create operator does this for you).
+        Start prewarming ``image`` in ``region_id`` and return the new task's id; retried only when the API surely
+        did not act (no connection made, a 429), else the error is raised (look the task up with a list).
 
         :param image: Full image reference, e.g. ``registry.example.com/team/image:tag``.
         :param region_id: Target region id.
@@ -252,11 +235,8 @@ class PPIOHook(BaseHook):
         page_size: int = 50,
     ) -> Iterator[PrewarmTask]:
         """
-        Iterate over prewarm tasks, following ``next_cursor`` page by page; each task id is yielded once per walk
-        (pages shift while tasks are created, so the API may list a task twice).
-
-        A walk reads at most :data:`MAX_PAGES_PER_WALK` pages, then raises ``PPIOBadResponseError``; so does a
-        cursor the API already gave, or one longer than :data:`MAX_CURSOR_LENGTH`.
+        Iterate over prewarm tasks page by page, each task id once per walk; a walk past
+        :data:`MAX_PAGES_PER_WALK` pages, a repeated or overlong cursor is a ``PPIOBadResponseError``.
 
         :param status: Only tasks in this state (pending, running, succeeded, failed).
         :param region_id: Only tasks in this region.
@@ -317,11 +297,7 @@ class PPIOHook(BaseHook):
             )
 
     def test_connection(self) -> tuple[bool, str]:
-        """
-        One cheap call (list, one item, no retries, at most 10 s) that tells a bad key from a bad host.
-
-        Used by the "Test" button of the connection form.
-        """
+        """One cheap call (list one item, no retries, at most 10 s) for the connection form's "Test" button."""
         try:
             settings = self.settings
             quick = dataclasses.replace(settings, timeout=min(settings.timeout, 10.0), max_attempts=1)
@@ -355,9 +331,7 @@ class PPIOHook(BaseHook):
         max_bytes: int = MAX_BODY_BYTES,
     ) -> Any:
         """
-        Call the API with the shared retry policy and return the decoded JSON body.
-
-        A 401 makes the hook read its connection again: a key rotated meanwhile is used at once.
+        Call the API with the retry policy and return the decoded JSON; after a 401 a rotated key is used at once.
 
         :param method: HTTP method.
         :param path: API path starting with ``/``, e.g. ``/gpus/v2/prewarm-tasks``.
@@ -477,10 +451,7 @@ class _Walk:
         return fresh
 
     def next_page(self, page: PrewarmTaskPage, params: dict[str, Any]) -> dict[str, Any] | None:
-        """
-        The query for the page after ``page``, or None after the last one. A cursor the API already gave, an
-        overlong one, or a walk past :data:`MAX_PAGES_PER_WALK` pages is a bad response.
-        """
+        """The query for the page after ``page``, or None after the last one."""
         if not page.has_more or not page.next_cursor:
             return None
         where = f"GET {PREWARM_TASKS_PATH}"
@@ -513,10 +484,7 @@ async def _the_async_task_asked_for(task_id: str, answer: Any, hook: PPIOHook) -
 
 
 def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> PrewarmTask:
-    """
-    Parse a read of one task, and check that it is the task asked for (a confused cache or proxy could answer
-    with another one, and a gate must not open on someone else's prewarm).
-    """
+    """Parse a read of one task, checked to be the task asked for (a confused proxy could answer another)."""
     task = PrewarmTask.from_api(answer)
     if task.task_id != task_id:
         returned = server_text(repr(task.task_id), secret)
