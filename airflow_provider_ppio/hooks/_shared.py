@@ -759,6 +759,7 @@ def transport_error(err: BaseException, *, where: str, settings: ClientSettings,
         return PPIOConnectionConfigError(
             f"{where}: the host of {host} does not exist ({detail}); check the connection's Base URL"
         )
+    # requests', urllib3's and aiohttp's timeout classes all say so in their names; a socket's is a TimeoutError.
     if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
         message = f"{where}: {host} did not answer within {settings.timeout:g}s ({detail})"
         return PPIOTransportError(message, request_sent=sent)
