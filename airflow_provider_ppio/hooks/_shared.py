@@ -156,10 +156,11 @@ class ClientSettings:
         base_url = _base_url(conn_id, host, port, schema)
         insecure = urlsplit(base_url).scheme != "https" and not is_loopback(base_url)
         if insecure and not _flag(conn_id, options, "allow_insecure_http", False):
-            raise PPIOConnectionConfigError(
-                f"Connection {conn_id!r}: Base URL {base_url} is plain http to a host that is not this machine: "
+            raise _config_error(
+                conn_id,
+                f"Base URL {base_url} is plain http to a host that is not this machine: "
                 "the API key would travel in clear. Use https, or set the connection extra "
-                '"allow_insecure_http": true if this network is trusted'
+                '"allow_insecure_http": true if this network is trusted',
             )
 
         def number(name: str, kind: type = float) -> Any:
@@ -192,9 +193,7 @@ def _positive(conn_id: str, options: Mapping[str, Any], name: str, default: floa
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not (number > 0) or math.isinf(number):
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: extra {name!r} must be a positive {kind.__name__}, got {value!r}"
-        )
+        raise _config_error(conn_id, f"extra {name!r} must be a positive {kind.__name__}, got {value!r}")
     return kind(number)
 
 
@@ -221,7 +220,7 @@ def _flag(conn_id: str, options: Mapping[str, Any], name: str, default: bool) ->
         return default
     if isinstance(word, bool) or word in ("true", "1", "yes", "on", "false", "0", "no", "off"):
         return word in (True, "true", "1", "yes", "on")
-    raise PPIOConnectionConfigError(f"Connection {conn_id!r}: extra {name!r} must be true or false, got {value!r}")
+    raise _config_error(conn_id, f"extra {name!r} must be true or false, got {value!r}")
 
 
 #: Control characters and whitespace: a URL parser may drop them (``api.ppio.com\n.evil.com`` becomes
@@ -230,13 +229,15 @@ _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f]")
 _DIGITS = re.compile(r"[0-9]+")
 
 
+def _config_error(conn_id: str, problem: str) -> PPIOConnectionConfigError:
+    return PPIOConnectionConfigError(f"Connection {conn_id!r}: {problem}")
+
+
 def _port(conn_id: str, value: object, where: str) -> int:
     """A TCP port, 1-65535, from the connection's port field or the host's ``:port``."""
     text = str(value).strip()
     if isinstance(value, bool) or not _DIGITS.fullmatch(text) or not 1 <= int(text) <= 65535:
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: {where} {value!r} is not a TCP port (a whole number from 1 to 65535)"
-        )
+        raise _config_error(conn_id, f"{where} {value!r} is not a TCP port (a whole number from 1 to 65535)")
     return int(text)
 
 
@@ -252,8 +253,8 @@ def _base_url(conn_id: str, host: str | None, port: object = None, schema: str |
     raw = (host or "").strip() or DEFAULT_BASE_URL
     base_path = (schema or "").strip()
     if _CONTROL_OR_SPACE.search(raw) or _CONTROL_OR_SPACE.search(base_path):
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: Base URL {raw!r} (schema {base_path!r}) contains whitespace or control characters"
+        raise _config_error(
+            conn_id, f"Base URL {raw!r} (schema {base_path!r}) contains whitespace or control characters"
         )
     scheme = base_path.lower() if base_path.lower() in ("http", "https") else None
     if scheme is not None:
@@ -261,59 +262,57 @@ def _base_url(conn_id: str, host: str | None, port: object = None, schema: str |
     if "://" not in raw:
         raw = f"{scheme or 'https'}://{raw}"
     elif scheme is not None and not raw.lower().startswith(scheme + "://"):
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: the Base URL {raw!r} and the schema field {scheme!r} name different schemes"
-        )
+        raise _config_error(conn_id, f"the Base URL {raw!r} and the schema field {scheme!r} name different schemes")
     try:
         parts = urlsplit(raw)
     except ValueError:  # e.g. an unclosed IPv6 bracket
         parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: Base URL {raw!r} is not an http(s) URL such as {DEFAULT_BASE_URL}"
-        )
+        raise _config_error(conn_id, f"Base URL {raw!r} is not an http(s) URL such as {DEFAULT_BASE_URL}")
     if "@" in parts.netloc or parts.query or parts.fragment or "?" in raw or "#" in raw:
-        raise PPIOConnectionConfigError(
-            f"Connection {conn_id!r}: Base URL must not carry credentials (user@), a query or a fragment; "
-            "the API key goes in the password field"
+        raise _config_error(
+            conn_id,
+            "Base URL must not carry credentials (user@), a query or a fragment; "
+            "the API key goes in the password field",
         )
     if "\\" in raw or "%" in parts.netloc:
-        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host")
+        raise _config_error(conn_id, f"Base URL {raw!r} has a malformed host")
     hostname, sep, host_port = (
         parts.netloc.rpartition(":") if not parts.netloc.endswith("]") else (parts.netloc, "", "")
     )
     if not sep:
         hostname, host_port = parts.netloc, ""
     elif not _DIGITS.fullmatch(host_port):
-        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed port")
+        raise _config_error(conn_id, f"Base URL {raw!r} has a malformed port")
     try:
         hostname = hostname if hostname.isascii() else hostname.encode("idna").decode("ascii")
     except UnicodeError:
         hostname = ""
     if not re.fullmatch(r"[A-Za-z0-9.\-_]+|\[[0-9A-Fa-f:.]+\]", hostname):
-        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL {raw!r} has a malformed host name")
+        raise _config_error(conn_id, f"Base URL {raw!r} has a malformed host name")
     number = _port(conn_id, host_port, "the port in the Base URL") if host_port else None
     if port is not None and port != "":
         field_port = _port(conn_id, port, "the port")
         if number is not None and number != field_port:
-            raise PPIOConnectionConfigError(
-                f"Connection {conn_id!r}: the Base URL names port {number} but the port field says {field_port}; "
-                "give the port in one place"
+            raise _config_error(
+                conn_id,
+                f"the Base URL names port {number} but the port field says {field_port}; give the port in one place",
             )
         number = field_port
     netloc = hostname if number is None else f"{hostname}:{number}"
     path = parts.path.rstrip("/")
     if base_path.strip("/"):
         if path:
-            raise PPIOConnectionConfigError(
-                f"Connection {conn_id!r}: the Base URL has the path {path!r} and the schema field adds "
-                f"{base_path!r}; give the path in one place"
+            raise _config_error(
+                conn_id,
+                f"the Base URL has the path {path!r} and the schema field adds "
+                f"{base_path!r}; give the path in one place",
             )
         if _UNSAFE_PATH_CHARACTERS.search(base_path):
-            raise PPIOConnectionConfigError(f"Connection {conn_id!r}: the base path {base_path!r} is malformed")
+            raise _config_error(conn_id, f"the base path {base_path!r} is malformed")
         path = "/" + base_path.strip("/")
     if any(segment in (".", "..") for segment in _decoded_segments(path)):
-        raise PPIOConnectionConfigError(f"Connection {conn_id!r}: Base URL path {parts.path!r} has dot segments")
+        raise _config_error(conn_id, f"Base URL path {parts.path!r} has dot segments")
     return f"{parts.scheme}://{netloc}{path}"
 
 
@@ -327,9 +326,7 @@ def _tls_settings(conn_id: str, options: Mapping[str, Any]) -> TLSSettings:
         if isinstance(path, str) and path.strip():
             path = os.path.expanduser(path.strip())
             if not os.path.exists(path):
-                raise PPIOConnectionConfigError(
-                    f"Connection {conn_id!r}: the CA bundle {path!r} from {source} does not exist"
-                )
+                raise _config_error(conn_id, f"the CA bundle {path!r} from {source} does not exist")
             if os.path.isdir(path):
                 return TLSSettings(ca_dir=path, source=source)
             return TLSSettings(ca_file=path, source=source)
