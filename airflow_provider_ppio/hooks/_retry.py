@@ -1,13 +1,14 @@
-"""The one retry policy of both transports: which errors are retried, how long to wait, when to give up."""
+"""The one retry policy of both transports, on tenacity: which errors are retried, how long to wait, when to give up."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, Retrying
 
 from airflow_provider_ppio.exceptions import PPIOError, PPIORateLimitError, PPIOTransportError, PPIOUnreachableError
 from airflow_provider_ppio.hooks._shared import ClientSettings, Patience, scrub
@@ -59,9 +60,11 @@ def backoff(settings: ClientSettings, attempt: int) -> float:
 
 class RetryPolicy:
     """
-    How one call retries: transient errors after :func:`backoff` (a 429's ``Retry-After`` may lengthen the wait,
-    up to ``retry_wait_max``), until ``max_attempts`` or, for a wait (``patience``), its time is up. A WARNING is
-    logged when the error changes, then at most every :data:`SUMMARY_EVERY` seconds; the rest goes to DEBUG.
+    How one call retries, as tenacity's ``stop``, ``wait``, ``retry`` and ``before_sleep`` for ``Retrying`` and
+    ``AsyncRetrying`` alike: transient errors after :func:`backoff` (a 429's ``Retry-After`` may lengthen the
+    wait, up to ``retry_wait_max``), until ``max_attempts`` or, for a wait (``patience``), its time is up. A
+    WARNING is logged when the error changes, then at most every :data:`SUMMARY_EVERY` seconds; the rest goes
+    to DEBUG.
 
     :param settings: Attempts and waits come from here.
     :param what: ``METHOD path``, for log lines and messages.
@@ -85,66 +88,36 @@ class RetryPolicy:
         self._logged_kind: tuple[object, ...] | None = None
         self._logged_at = 0.0
 
-    def call(self, attempt: Callable[[], T]) -> T:
-        """
-        Run ``attempt`` until it succeeds or the policy gives up, and raise what it gave up on.
+    def retry(self, state: RetryCallState) -> bool:
+        """Whether the attempt that just failed should be tried again."""
+        error = _error(state)
+        return error is not None and is_retryable(error, idempotent=self.idempotent)
 
-        :param attempt: One try.
-        """
-        for number in itertools.count(1):
-            try:
-                result = attempt()
-            except PPIOError as error:
-                seconds = self._after_failure(error, number)
-                if seconds is None:
-                    raise self._gave_up(error) from None
-                time.sleep(seconds)
-                continue
-            return self._succeeded(result, number)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """
-        Async :meth:`call`.
-
-        :param attempt: One try (a new coroutine per call).
-        """
-        for number in itertools.count(1):
-            try:
-                result = await attempt()
-            except PPIOError as error:
-                seconds = self._after_failure(error, number)
-                if seconds is None:
-                    raise self._gave_up(error) from None
-                await _asleep(seconds)
-                continue
-            return self._succeeded(result, number)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _after_failure(self, error: PPIOError, number: int) -> float | None:
-        """Seconds before the next attempt (the retry logged), or None to give up."""
-        if not is_retryable(error, idempotent=self.idempotent):
-            return None
+    def stop(self, state: RetryCallState) -> bool:
+        """Whether to give up: ``max_attempts`` reached, or the wait's time used up."""
         if self.patience is None:
-            if number >= self.settings.max_attempts:
-                return None
-        elif self.patience.remaining(self.started) <= 0:
-            return None
-        seconds = backoff(self.settings, number)
+            return state.attempt_number >= self.settings.max_attempts
+        return self.patience.remaining(self.started) <= 0
+
+    def wait(self, state: RetryCallState) -> float:
+        """Seconds before the next attempt."""
+        error = _error(state)
+        seconds = backoff(self.settings, state.attempt_number)
         if isinstance(error, PPIORateLimitError) and error.retry_after is not None:
             seconds = max(seconds, min(error.retry_after, self.settings.retry_wait_max))
+        if self.patience is not None:
+            seconds = min(seconds, max(0.0, self.patience.remaining(self.started)))
+        return seconds
+
+    def before_sleep(self, state: RetryCallState) -> None:
+        """Say that a retry is coming: in full when the error changed, else a summary now and then."""
+        error, number, seconds = _error(state), state.attempt_number, state.upcoming_sleep
         if self.patience is None:
             then = f"retrying in {seconds:.3g}s (attempt {number + 1} of {self.settings.max_attempts})"
         else:
-            seconds = min(seconds, max(0.0, self.patience.remaining(self.started)))
             then = f"retrying in {seconds:.3g}s (giving up after {self.patience.unreachable_timeout:g}s)"
-        self._log_retry(error, number, then)
-        return seconds
-
-    def _log_retry(self, error: PPIOError, failures: int, then: str) -> None:
-        """In full when the error changed, else a summary now and then, and DEBUG in between."""
         now = time.monotonic()
-        kind = (type(error), error.http_status, getattr(error, "request_sent", None))
+        kind = (type(error), getattr(error, "http_status", None), getattr(error, "request_sent", None))
         text = scrub(str(error), self.settings.secret)
         if kind != self._logged_kind:
             self._logged_kind, self._logged_at = kind, now
@@ -152,14 +125,64 @@ class RetryPolicy:
         elif now - self._logged_at >= SUMMARY_EVERY:
             self._logged_at = now
             line = "PPIO API %s still failing: %d failed attempts in %.0fs, last error: %s; %s"
-            self.log.warning(line, self.what, failures, now - self.started, text, then)
+            self.log.warning(line, self.what, number, now - self.started, text, then)
         else:
             self.log.debug("PPIO API %s failed again (%s); %s", self.what, text, then)
 
+    def _arguments(self) -> dict[str, Any]:
+        return {"stop": self.stop, "wait": self.wait, "retry": self.retry, "before_sleep": self.before_sleep}
+
+    def call(self, attempt: Callable[[], T]) -> T:
+        """
+        Run ``attempt`` until it succeeds or the policy gives up, and raise what it gave up on.
+
+        :param attempt: One try.
+        """
+        # Nearly every poll succeeds at once, so the first try runs outside tenacity and builds no retry
+        # state; its error becomes tenacity's first attempt.
+        try:
+            return attempt()
+        except PPIOError as error:
+            first = error
+        retrying = Retrying(reraise=True, **self._arguments())
+        try:
+            number = 0
+            for try_ in retrying:
+                number += 1
+                with try_:
+                    if number == 1:
+                        raise first
+                    result = attempt()
+        except PPIOError as error:
+            raise self._gave_up(error) from None
+        return self._succeeded(result, number)
+
+    async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """
+        Async :meth:`call`, on ``tenacity.AsyncRetrying``.
+
+        :param attempt: One try (a new coroutine per call).
+        """
+        try:
+            return await attempt()
+        except PPIOError as error:
+            first = error
+        retrying = AsyncRetrying(reraise=True, sleep=_asleep, **self._arguments())
+        try:
+            number = 0
+            async for try_ in retrying:
+                number += 1
+                with try_:
+                    if number == 1:
+                        raise first
+                    result = await attempt()
+        except PPIOError as error:
+            raise self._gave_up(error) from None
+        return self._succeeded(result, number)
+
     def _succeeded(self, result: T, number: int) -> T:
-        if number > 1:
-            elapsed = time.monotonic() - self.started
-            self.log.info("PPIO API %s answered after %d failed attempt(s) in %.0fs", self.what, number - 1, elapsed)
+        elapsed = time.monotonic() - self.started
+        self.log.info("PPIO API %s answered after %d failed attempt(s) in %.0fs", self.what, number - 1, elapsed)
         return result
 
     def _gave_up(self, error: PPIOError) -> PPIOError:
@@ -182,6 +205,10 @@ def gave_up(error: PPIOError, patience: Patience, what: str) -> PPIOError:
         f"(unreachable_timeout); last error: {error}",
         request_sent=True,
     )
+
+
+def _error(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome is not None else None
 
 
 async def _asleep(seconds: float) -> None:

@@ -42,7 +42,7 @@ MakeTask = Callable[..., dict[str, Any]]
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every wait between retries (the retry loop sleeps through ``time.sleep``), without waiting."""
+    """Every wait between retries (tenacity sleeps through ``time.sleep``), without waiting."""
     return install_virtual_clock(monkeypatch)
 
 

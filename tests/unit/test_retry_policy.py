@@ -56,8 +56,8 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """The retry loop's sleeps recorded, and its clock (and the patience deadlines') moved on by them."""
     virtual = Clock()
-    monkeypatch.setattr(time, "sleep", virtual.sleep)  # the retry loop sleeps through time.sleep
-    monkeypatch.setattr(_retry, "_asleep", virtual.asleep)  # the async retry loop's sleep
+    monkeypatch.setattr(time, "sleep", virtual.sleep)  # tenacity.Retrying sleeps through time.sleep
+    monkeypatch.setattr(_retry, "_asleep", virtual.asleep)  # tenacity.AsyncRetrying's sleep
     monkeypatch.setattr(_retry, "time", virtual)
     monkeypatch.setattr(_shared, "time", virtual)
     return virtual
