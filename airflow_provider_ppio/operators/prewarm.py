@@ -298,11 +298,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         return self._complete(task, context)
 
     def _read(self, task_id: str, *, patient: bool) -> PrewarmTask | None:
-        """
-        The task, or None when a transient error leaves the wait to go on (deferred, or up to the deadline).
-
-        :param patient: Retry transient errors up to ``unreachable_timeout`` (a wait in the worker).
-        """
+        """The task, or None when a transient error leaves the wait to go on (deferred, or up to the deadline)."""
+        # patient: the hook retries transient errors up to unreachable_timeout (only for a wait in the worker).
         try:
             self._task = self.hook.get_prewarm_task(task_id, patient=patient, deadline=self._deadline)
         except PPIOError as err:
@@ -375,17 +372,13 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
 
     def _defer(self, task_id: str) -> None:
         # airflow.triggers.base is only needed to defer, not to parse a DAG.
-        from airflow_provider_ppio.triggers.prewarm import (
-            DEFERRAL_TIMEOUT_GRACE,
-            MIN_DEFERRED_POKE_INTERVAL,
-            PrewarmTaskTrigger,
-        )
+        from airflow_provider_ppio.triggers import prewarm as triggers
 
         deadline = self._deadline
-        trigger = PrewarmTaskTrigger(
+        trigger = triggers.PrewarmTaskTrigger(
             prewarm_task_id=task_id,
             ppio_conn_id=self.ppio_conn_id,
-            poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
+            poke_interval=max(self.poke_interval, triggers.MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
             unreachable_timeout=self.unreachable_timeout,
             # Never True: Airflow 3.3.2's triggerer calls a trigger's on_kill also when it hands the trigger to
@@ -393,7 +386,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             delete_on_kill=False,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
-        backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
+        backstop = None if deadline is None else max(0.0, deadline - time.time()) + triggers.DEFERRAL_TIMEOUT_GRACE
         self.defer(
             trigger=trigger,
             method_name="execute_complete",
@@ -404,12 +397,8 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None, prewarm_task_id: str = ""
     ) -> dict[str, Any]:
-        """
-        Resume after the trigger fired: the same outcome and XCom as waiting in a worker.
-
-        :param prewarm_task_id: The prewarm the trigger waited for (``defer`` kwargs, which ``dags test`` on
-            Airflow 3 drops: then the id this try pushed before deferring).
-        """
+        """Resume after the trigger fired: the same outcome and XCom as waiting in a worker."""
+        # Airflow 3's dags test drops the defer kwargs (prewarm_task_id): then the id pushed before deferring counts.
         # airflow.triggers.base is only needed once a trigger answered, not to parse a DAG.
         from airflow_provider_ppio.triggers.prewarm import task_from_event
 
