@@ -1,13 +1,9 @@
 """
-Assets (datasets on Airflow 2) for prewarmed images: one URI per region and image, and the event details.
+Assets (datasets on Airflow 2) for prewarmed images: ``ppio://prewarm/<region_id>/<image>``, and the event details.
 
-URI convention: ``ppio://prewarm/<region_id>/<image>``, e.g.
-``ppio://prewarm/region-a/registry.example.com/team/image:tag``. The region is one percent-encoded
-path segment; the image keeps its ``/``, ``:`` and ``@`` as they are. A deploy DAG scheduled on
-``prewarm_asset("region-a", image)`` runs once that image is prewarmed there.
-
-Only the standard library is imported here: Airflow imports :func:`normalize_prewarm_asset_uri`
-whenever it builds an asset with the ``ppio`` scheme, and DAG files import this module.
+The region is one percent-encoded path segment; the image keeps its ``/``, ``:`` and ``@``. Only the standard
+library is imported at module level (Airflow and the exceptions load inside the functions): Airflow imports
+:func:`normalize_prewarm_asset_uri` whenever it builds a ``ppio`` asset, and DAG files import this module.
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ PREWARM_ASSET_SCHEME = "ppio"
 PREWARM_ASSET_KIND = "prewarm"
 #: Longest asset name Airflow 3 accepts (the URI doubles as the name).
 _MAX_URI_LENGTH = 1500
-#: The prewarm details an asset event carries (``extra``), in this order. Scalars only: Airflow 2.11 hashes
-#: the extra of events emitted through a dataset alias, so a list value would fail the task.
+#: The details an asset event carries (``extra``). Scalars only: Airflow 2.11 hashes the extra of alias events.
 ASSET_EXTRA_FIELDS = ("task_id", "image", "region_id", "image_size", "completed_at")
 
 _log = logging.getLogger(__name__)
@@ -41,7 +36,7 @@ def prewarm_asset_uri(region_id: str, image: str) -> str:
     :param region_id: The region id, e.g. ``region-a``.
     :param image: The full image reference, e.g. ``registry.example.com/team/image:tag``.
     """
-    from airflow_provider_ppio.exceptions import PPIOInvalidInputError  # see the module docstring
+    from airflow_provider_ppio.exceptions import PPIOInvalidInputError
 
     if not isinstance(region_id, str) or not region_id.strip():
         raise PPIOInvalidInputError(f"a prewarm asset needs a region id, got {region_id!r}")
@@ -64,9 +59,7 @@ def parse_prewarm_asset_uri(uri: str) -> tuple[str, str] | None:
         return None
     region, _, image = parts.path.lstrip("/").partition("/")
     image = image.rstrip("/")
-    if not region or not image:
-        return None
-    return unquote(region), unquote(image)
+    return (unquote(region), unquote(image)) if region and image else None
 
 
 def normalize_prewarm_asset_uri(parts: SplitResult) -> SplitResult:
@@ -75,11 +68,10 @@ def normalize_prewarm_asset_uri(parts: SplitResult) -> SplitResult:
 
     :param parts: The URI, already split and partly normalized by Airflow.
     """
-    uri = parts.geturl()
-    parsed = parse_prewarm_asset_uri(uri)
+    parsed = parse_prewarm_asset_uri(parts.geturl())
     if parsed is None:
         raise ValueError(
-            f"{uri!r} is not a PPIO prewarm asset URI: expected "
+            f"{parts.geturl()!r} is not a PPIO prewarm asset URI: expected "
             f"{PREWARM_ASSET_SCHEME}://{PREWARM_ASSET_KIND}/<region_id>/<image>"
         )
     return urlsplit(prewarm_asset_uri(*parsed))
@@ -92,17 +84,14 @@ def prewarm_asset(region_id: str, image: str) -> Asset:
     :param region_id: The region id.
     :param image: The full image reference.
     """
-    from airflow.providers.common.compat.sdk import Asset  # stdlib only at import: see the module docstring
+    from airflow.providers.common.compat.sdk import Asset
 
     return Asset(uri=prewarm_asset_uri(region_id, image))
 
 
 def prewarm_asset_extra(details: Mapping[str, Any] | PrewarmTask) -> dict[str, Any]:
     """
-    The ``extra`` of a prewarm asset event: task id, image, region, size (bytes) and completion time.
-
-    ``completed_at`` is Unix seconds as the API gives it; ``completed_at_iso`` is the same instant in
-    ISO 8601 (UTC), present when the API reported one.
+    The ``extra`` of a prewarm asset event: ``ASSET_EXTRA_FIELDS``, and ``completed_at_iso`` (UTC) when reported.
 
     :param details: The prewarm task, or its XCom dict (``PrewarmTask.to_xcom()``).
     """
@@ -111,11 +100,9 @@ def prewarm_asset_extra(details: Mapping[str, Any] | PrewarmTask) -> dict[str, A
     completed = data.get("completed_at")
     if isinstance(completed, int) and not isinstance(completed, bool) and completed > 0:
         try:
-            when = datetime.datetime.fromtimestamp(completed, tz=datetime.UTC)
+            extra["completed_at_iso"] = datetime.datetime.fromtimestamp(completed, tz=datetime.UTC).isoformat()
         except (OverflowError, OSError, ValueError):  # not a time in seconds: the prewarm still succeeded
             _log.warning("completed_at=%.40s is not a Unix time in seconds; no completed_at_iso", completed)
-        else:
-            extra["completed_at_iso"] = when.isoformat()
     return extra
 
 
@@ -129,11 +116,9 @@ def attach_prewarm_asset_events(
     """
     Put a succeeded prewarm's details on the asset events of a task's outlets; call on success only.
 
-    * An ``Asset`` (``Dataset``) outlet gets the details as its event's ``extra``. A prewarm asset
-      (``ppio://prewarm/...``) for another region or image gets nothing (Airflow still records its
-      event); with mapped tasks use an ``AssetAlias`` instead of listing every region.
-    * An ``AssetAlias`` (``DatasetAlias``) outlet gets an event for this prewarm's own asset,
-      ``prewarm_asset(region_id, image)``, so each mapped task instance emits exactly its region.
+    An asset outlet gets them as its event's ``extra``, except the prewarm asset of another region or image. An
+    ``AssetAlias`` (``DatasetAlias``) outlet gets an event for this prewarm's own asset, so each mapped task
+    instance emits exactly its region.
 
     :param context: The task context (its ``outlet_events``).
     :param outlets: The task's outlets (``self.outlets``).
@@ -141,37 +126,36 @@ def attach_prewarm_asset_events(
     :param log: Where to say what was attached; defaults to this module's logger.
     :return: The URIs (or alias names) that received the details.
     """
-    from airflow.providers.common.compat.sdk import Asset, AssetAlias  # stdlib only at import: see the module docstring
+    from airflow.providers.common.compat.sdk import Asset, AssetAlias
 
     logger = log or _log
-    outlet_list = list(outlets or ())
     outlet_events = context.get("outlet_events")
-    if not outlet_list or outlet_events is None:
+    if not outlets or outlet_events is None:
         return []
     extra = prewarm_asset_extra(details)
     region, image = str(extra.get("region_id") or ""), str(extra.get("image") or "")
     own_uri = prewarm_asset_uri(region, image) if region and image else None
     attached: list[str] = []
-    for outlet in outlet_list:
+    for outlet in outlets:
         if isinstance(outlet, AssetAlias):
             if own_uri is None:
                 logger.warning("Prewarm details name no region or image; no event for asset alias %s", outlet.name)
-                continue
-            if not _alias_registered(outlet.name):
+            elif not _alias_registered(outlet.name):
                 logger.warning(
                     "Dataset alias %s is not in the metadata database (e.g. under `airflow dags test` on "
                     "Airflow 2, which does not sync DAGs; run `airflow dags reserialize` first): no event for %s",
                     outlet.name,
                     own_uri,
                 )
-                continue
-            outlet_events[outlet].add(Asset(uri=own_uri), extra=dict(extra))
-            attached.append(f"{outlet.name} -> {own_uri}")
+            else:
+                outlet_events[outlet].add(Asset(uri=own_uri), extra=dict(extra))
+                attached.append(f"{outlet.name} -> {own_uri}")
             continue
         uri = getattr(outlet, "uri", None)
         if not isinstance(outlet, Asset) and uri is None:
             continue  # not an asset (e.g. an Airflow 2 lineage entity)
-        if isinstance(uri, str) and parse_prewarm_asset_uri(uri) is not None and _normalized(uri) != own_uri:
+        other = parse_prewarm_asset_uri(uri) if isinstance(uri, str) else None
+        if other is not None and prewarm_asset_uri(*other) != own_uri:
             logger.warning(
                 "Outlet %s is the prewarm asset of another region or image (this task prewarmed %s); "
                 "its event carries no details. Use an AssetAlias for mapped tasks.",
@@ -187,17 +171,11 @@ def attach_prewarm_asset_events(
 
 
 def _alias_registered(name: str) -> bool:
-    """
-    Whether Airflow 2 knows the dataset alias; an event for an unknown one fails the task after it succeeded.
-
-    Airflow 3 creates unknown aliases itself, so this is always True there (and when the check cannot run).
-
-    :param name: The alias name.
-    """
-    from airflow import __version__ as airflow_version  # stdlib only at import: see the module docstring
+    """Whether the dataset alias exists: on Airflow 2 an event for an unknown one fails the task after it succeeded."""
+    from airflow import __version__ as airflow_version
 
     if int(airflow_version.split(".", 1)[0]) >= 3:
-        return True
+        return True  # Airflow 3 creates unknown aliases itself
     try:
         from airflow.models.dataset import DatasetAliasModel
         from airflow.utils.session import create_session
@@ -208,8 +186,3 @@ def _alias_registered(name: str) -> bool:
     except Exception:  # no database access (e.g. a DB-isolated worker): let Airflow decide
         return True
     return found is not None
-
-
-def _normalized(uri: str) -> str | None:
-    parsed = parse_prewarm_asset_uri(uri)
-    return prewarm_asset_uri(*parsed) if parsed else None

@@ -52,12 +52,7 @@ def _modules(*modules: str) -> list[dict[str, Any]]:
 
 
 def dependencies() -> list[str]:
-    """
-    The install requirements of the installed distribution, extras left out.
-
-    They come from ``pyproject.toml`` (through the package metadata), so the minimum Airflow version is declared
-    in one place. Empty when the package is imported from a source tree that was never installed.
-    """
+    """The installed distribution's requirements without extras (pyproject.toml's); empty if never installed."""
     import importlib.metadata
 
     # Airflow 2.11 does not load packaging.requirements when a DAG is parsed, and it is costly: only when asked.
@@ -98,7 +93,7 @@ def get_provider_info() -> dict[str, Any]:
             # Event-driven scheduling (AssetWatcher): Airflow 3 only; importable on 2.11.
             "airflow_provider_ppio.triggers.prewarm_events",
         ),
-        # Asset (Airflow 3) / dataset (Airflow 2) URIs ppio://prewarm/<region_id>/<image>: see assets.py.
+        # Asset (Airflow 3) and dataset (Airflow 2) URIs ppio://prewarm/<region_id>/<image>: see assets.py.
         "asset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],
         "dataset-uris": [{"schemes": ["ppio"], "handler": "airflow_provider_ppio.assets.normalize_prewarm_asset_uri"}],
         "connection-types": [

@@ -13,11 +13,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow.providers.common.compat.sdk import (
-    AirflowFailException,
-    BaseOperator,
-    conf,
-)
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator, conf
 
 from airflow_provider_ppio.assets import attach_prewarm_asset_events
 from airflow_provider_ppio.exceptions import (
@@ -44,8 +40,6 @@ class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     """
     Fetch a prewarm task and return its details as a JSON dict (the XCom ``return_value``).
 
-    Downstream tasks read it with ``ti.xcom_pull(task_ids=...)["image"]`` and so on.
-
     :param prewarm_task_id: Id of the prewarm task (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
     """
@@ -59,95 +53,49 @@ class PPIOGetPrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         self.ppio_conn_id = ppio_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """
-        Read the task and return its details.
-
-        :param context: The task context.
-        """
         task = self.hook.get_prewarm_task(self.prewarm_task_id)
         self.log.info("Prewarm task %s: %s in %s is %s", task.task_id, task.image, task.region_id, task.status.status)
         return task.to_xcom()
 
 
-#: XCom keys pushed by the create operator before it waits.
+#: XCom keys the create operator pushes before it waits.
 XCOM_PREWARM_TASK_ID = "prewarm_task_id"
 XCOM_PREWARM_TASK = "prewarm_task"
-#: What ``prewarm_task_id`` holds while this try has started no prewarm (reused one, or failed before creating):
-#: a falsy string the delete operator skips. Not None: Airflow 3 resolves an XCom holding None as not found.
+#: ``prewarm_task_id`` while this try has started no prewarm: falsy, and not None (Airflow 3 reads None as no XCom).
 NO_PREWARM_TASK_ID = ""
-#: The marker that ties a prewarm task to one run of one task instance starts with this.
+#: The idempotency marker appended to a prewarm's note: this prefix and 16 hex digits.
 MARKER_PREFIX = "af-"
-#: ``MARKER_PREFIX`` and this many hex digits, appended to the note after a space.
 _MARKER_DIGITS = 16
 MARKER_LENGTH = len(MARKER_PREFIX) + _MARKER_DIGITS
-#: The longest note PPIO's console accepts (INFERRED from the console's form, not documented by the API);
-#: the user's note, a space and the marker must fit in it.
+#: The longest note PPIO's console accepts (inferred from its form; the API documents none).
 NOTE_MAX_LENGTH = 100
-#: While waiting for a quota slot, the same state is logged again as a WARNING at most this often (seconds).
+#: While waiting for a quota slot, an unchanged state is logged again as a WARNING at most this often (seconds).
 QUOTA_SUMMARY_INTERVAL = 600.0
-#: Said when waiting for a quota slot failed or may not help: PPIO's console counts created tasks.
+#: Quota waits grow from ``poke_interval`` (at least ``MIN_QUOTA_WAIT`` s) to this many times it, with +-20 % jitter.
+MIN_QUOTA_WAIT = 1.0
+QUOTA_BACKOFF_CAP_FACTOR = 4
 QUOTA_FINISHED_HINT = (
     "PPIO may count finished (succeeded or failed) prewarm tasks toward the limit until they are deleted: "
     "delete the ones you no longer need, e.g. with PPIODeletePrewarmTasksOperator(prewarm_task_ids=[...]) "
     "or in the PPIO console."
 )
-_QUOTA_BUSY = "busy"
-_QUOTA_IDLE = "idle"
-_QUOTA_UNKNOWN = "unknown"
-#: Waits for a free quota slot grow from ``poke_interval`` (at least ``MIN_QUOTA_WAIT`` seconds, so a tiny
-#: interval cannot hammer the API) to ``QUOTA_BACKOFF_CAP_FACTOR`` times that, with this much jitter.
-MIN_QUOTA_WAIT = 1.0
-QUOTA_BACKOFF_CAP_FACTOR = 4
-_QUOTA_JITTER = (0.8, 1.2)
+_LEFT_AS_IT_IS = (
+    "it was left as it is: delete it with PPIODeletePrewarmTasksOperator or keep waiting with PrewarmTaskSensor"
+)
 #: ``[registry[:port]/]path[:tag][@sha256:digest]``, as container tools write image references.
 _IMAGE_REFERENCE = re.compile(
-    r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+    r"^(?P<path>(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*)"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
 
 
 class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     """
-    Start prewarming an image in a region, optionally wait until it is done; one prewarm per task instance run.
+    Start prewarming an image in a region and, by default, wait until it is done; one prewarm per task instance run.
 
-    At the start of every try the XCom ``prewarm_task_id`` is set to ``""`` (nothing started); once this
-    task instance's prewarm exists its id replaces it, and its details go to ``prewarm_task``, before any
-    wait. So a teardown ``PPIODeletePrewarmTasksOperator(prewarm_task_ids=create.output["prewarm_task_id"])``
-    deletes this task instance's prewarm, and nothing when the try reused one or failed before creating.
-    The return value is the prewarm task as JSON: final when ``wait_for_completion`` (then outlets get
-    asset events carrying the details, see :func:`~airflow_provider_ppio.assets.attach_prewarm_asset_events`),
-    as created otherwise.
-
-    Retries never start a second prewarm; a clear starts a new one. The note of each prewarm task carries a
-    marker (``af-<16 hex>``) derived from the task instance and its clear generation (dag, task, run, map
-    index and ``max_tries``, which Airflow raises on a clear and keeps across retries). Before creating, and
-    again when a create's answer is lost (timeout, reset connection, 5xx, 408, 409, an unreadable answer),
-    the operator looks for a pending, running or succeeded task with that marker, image and region and
-    continues with it. The marker is the only idempotency record, so it works the same on every Airflow line.
-
-    The account runs a limited number of prewarms (5 by default). When the API refuses a create for that
-    reason, the operator waits for a free slot and creates then (``wait_for_quota``, on by default): waits
-    start at ``poke_interval`` and double, with jitter, up to ``QUOTA_BACKOFF_CAP_FACTOR`` times it, in the
-    worker or, with ``deferrable=True``, deferred to the triggerer between attempts. PPIO may count finished
-    prewarm tasks toward the limit until they are deleted; when nothing of the account is pending or
-    running, the wait says so, and so does the error at the timeout.
-
-    With ``reuse_prewarmed=True`` no prewarm is started when the same image is already prewarmed in
-    the region (a succeeded task for exactly this image reference): a digest-pinned reference
-    (``...@sha256:...``) always matches, a tag only when that task completed within ``max_age``
-    (a tag can move). The operator then returns that task's details with ``"reused": true`` and
-    leaves ``prewarm_task_id`` empty, so a teardown does not delete a prewarm this task did not start.
-
-    Waiting uses the same decision as :class:`~airflow_provider_ppio.sensors.prewarm.PrewarmTaskSensor`:
-    ``succeeded`` ends it, ``failed`` raises ``PPIOPrewarmFailedError`` with the API's error, anything
-    else keeps waiting; transient API errors are retried for up to ``unreachable_timeout``. In
-    deferrable mode the wait runs in the triggerer
-    (:class:`~airflow_provider_ppio.triggers.prewarm.PrewarmTaskTrigger`). When ``timeout`` passes the
-    task fails without retry and the prewarm is left running (delete it with
-    :class:`PPIODeletePrewarmTasksOperator`, e.g. as a teardown). When the task is killed or marked
-    failed in a worker, the pending or running prewarm of ``prewarm_task_id`` is deleted unless
-    ``delete_on_kill=False``. While deferred it is left to the teardown: Airflow 3.3's triggerer also calls a
-    trigger's ``on_kill`` when it hands the trigger to another triggerer, which must not delete a live prewarm.
+    Pushes ``prewarm_task_id`` (``""`` until this try has a prewarm of its own) and ``prewarm_task`` before any
+    wait, and returns the prewarm task as JSON. Retries find their prewarm by the marker in its note; a clear
+    starts a new one. The rules in full: docs/lifecycle.md.
 
     :param image: Full image reference to prewarm (templated).
     :param region_id: Target region id (templated).
@@ -172,14 +120,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     :param poll_interval: Deprecated name of ``poke_interval``.
     """
 
-    template_fields: Sequence[str] = (
-        "image",
-        "region_id",
-        "product_ids",
-        "registry_auth_id",
-        "note",
-        "ppio_conn_id",
-    )
+    template_fields: Sequence[str] = ("image", "region_id", "product_ids", "registry_auth_id", "note", "ppio_conn_id")
     ui_color = "#e8f0fe"
 
     def __init__(
@@ -232,17 +173,13 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             raise PPIOInvalidInputError(
                 f"{type(self).__name__} {self.task_id!r}: max_age only applies with reuse_prewarmed=True"
             )
-        if reuse_prewarmed and "{{" not in str(image):
-            image_reference(image)  # refuse a bad reference now; a templated one is checked when rendered
-        if not (isinstance(note, str) and "{{" in note):
-            self._check_note()  # a templated note is checked when rendered
+        self._check_input(skip_templated=True)
         if self.outlets and not wait_for_completion:
             raise ValueError(
                 f"{type(self).__name__} {self.task_id!r}: outlets need wait_for_completion=True "
                 "(an asset event means the image is prewarmed, and without waiting the task ends before that)"
             )
         self._reset()
-        self._owned: str | None = None
 
     def _reset(
         self,
@@ -252,9 +189,9 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         quota_state: str | None = None,
         quota_logged_at: float | None = None,
     ) -> None:
-        self._task: PrewarmTask | None = None
-        self._result: dict[str, Any] | None = None
-        self._pushed_details = False
+        """Start a try, or resume one after a quota wait with its deadline and backoff."""
+        self._task: PrewarmTask | None = None  # as last read
+        self._owned: str | None = None  # what this try pushed as prewarm_task_id: on_kill deletes it
         self._reused = False
         self._deadline = deadline
         self._quota_attempt = quota_attempt
@@ -262,64 +199,33 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         self._quota_state = quota_state
         self._quota_logged_at = quota_logged_at
 
-    def _check_note(self) -> None:
-        """Refuse a note that, with the marker, is longer than the console accepts; before any request."""
-        if self.note is None:
-            return
-        if not isinstance(self.note, str):
-            raise PPIOInvalidInputError(f"note must be a string, got {type(self.note).__name__}")
-        room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
-        if len(self.note) > room:
-            raise PPIOInvalidInputError(
-                f"{type(self).__name__} {self.task_id!r}: note is {len(self.note)} characters long; at most "
-                f"{room} fit, because the operator appends a space and its {MARKER_LENGTH}-character idempotency "
-                f"marker and PPIO accepts notes of at most {NOTE_MAX_LENGTH} characters"
-            )
+    def _check_input(self, *, skip_templated: bool = False) -> None:
+        """Refuse, before any request, a note too long for the marker, or with ``reuse_prewarmed`` a bad image."""
+        note = self.note
+        if note is not None and not (skip_templated and isinstance(note, str) and "{{" in note):
+            if not isinstance(note, str):
+                raise PPIOInvalidInputError(f"note must be a string, got {type(note).__name__}")
+            room = NOTE_MAX_LENGTH - MARKER_LENGTH - 1
+            if len(note) > room:
+                raise PPIOInvalidInputError(
+                    f"{type(self).__name__} {self.task_id!r}: note is {len(note)} characters long; at most {room} "
+                    f"fit, because the operator appends a space and its {MARKER_LENGTH}-character idempotency "
+                    f"marker and PPIO accepts notes of at most {NOTE_MAX_LENGTH} characters"
+                )
+        if self.reuse_prewarmed and not (skip_templated and "{{" in str(self.image)):
+            _image_name_and_digest(self.image)
 
     def execute(self, context: Context) -> Any:
-        """
-        Create (or find this task instance's) prewarm task, push its id, wait if asked, return its details.
-
-        :param context: The task context.
-        """
         self._reset(deadline=None if self.timeout is None else time.time() + self.timeout)
-        self._owned = None
-        self._check_note()
-        if self.reuse_prewarmed:
-            image_reference(self.image)
-        # Airflow clears a try's XComs when the try starts (not when it resumes from a deferral): this value
-        # stands until this try has a prewarm of its own, so a teardown never reads an earlier try's id.
+        self._check_input()
+        # Airflow clears a try's XComs when it starts, not when it resumes from a deferral: this stands until the
+        # try has a prewarm of its own, so a teardown never reads an earlier try's id.
         context["ti"].xcom_push(key=XCOM_PREWARM_TASK_ID, value=NO_PREWARM_TASK_ID)
         return self._run(context)
 
-    def resume_after_quota_wait(
-        self,
-        context: Context,
-        event: Any = None,
-        deadline: float | None = None,
-        quota_attempt: int = 0,
-        quota_since: float | None = None,
-        quota_state: str | None = None,
-        quota_logged_at: float | None = None,
-    ) -> Any:
-        """
-        Try again after a deferred wait for a free quota slot (the wait's deadline and backoff carry on).
-
-        :param context: The task context.
-        :param event: The timer trigger's event (unused).
-        :param deadline: The try's deadline (Unix time), or None.
-        :param quota_attempt: How many creates were refused for the quota so far.
-        :param quota_since: When the first refusal came (Unix time).
-        :param quota_state: What the last WARNING said about the account's prewarms.
-        :param quota_logged_at: When that WARNING was logged (Unix time).
-        """
-        self._reset(
-            deadline=deadline,
-            quota_attempt=quota_attempt,
-            quota_since=quota_since,
-            quota_state=quota_state,
-            quota_logged_at=quota_logged_at,
-        )
+    def resume_after_quota_wait(self, context: Context, event: Any = None, **state: Any) -> Any:
+        """Create again after a deferred quota wait; ``state`` (the ``defer`` kwargs) carries deadline and backoff."""
+        self._reset(**state)
         return self._run(context)
 
     def _run(self, context: Context) -> Any:
@@ -330,19 +236,14 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         return self._follow(task_id, context)
 
     def _submit(self, marker: str) -> str:
-        """
-        This task instance's prewarm (by marker), else with ``reuse_prewarmed`` a warm one, else a new one;
-        waiting for a free quota slot if needed.
-        """
+        """This task instance's prewarm, else with ``reuse_prewarmed`` a warm one, else a new one (quota permitting)."""
         while True:
             # Looked for before every attempt: a lost create may have landed, or another run prewarmed the image.
-            if self.reuse_existing:
-                found = self._find_reusable(marker)
-                if found is not None:
-                    return found
-            warm = self._find_prewarmed() if self.reuse_prewarmed else None
-            if warm is not None:
-                return warm
+            found = self._find_own(marker) if self.reuse_existing else None
+            if found is None and self.reuse_prewarmed:
+                found = self._find_prewarmed()
+            if found is not None:
+                return found
             try:
                 return self._create(marker)
             except PPIOQuotaExceededError as err:
@@ -352,24 +253,20 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
 
     def _create(self, marker: str) -> str:
         """Send one create; when its answer is lost, look for the task it may have created before failing."""
-        note = f"{self.note} {marker}" if self.note else marker
         try:
             task_id = self.hook.create_prewarm_task(
                 image=self.image,
                 region_id=self.region_id,
                 product_ids=self.product_ids,
                 registry_auth_id=self.registry_auth_id,
-                note=note,
+                note=f"{self.note} {marker}" if self.note else marker,
             )
-        except PPIOQuotaExceededError:
-            raise
         except PPIOError as err:
-            # The create may have reached the API (the hook does not resend it), or a 409 may say it exists.
             if not (self.reuse_existing and _may_have_created(err)):
                 raise
             self.log.warning("Create answer lost (%s); looking for the task it may have created", err)
             try:
-                found = self._find_reusable(marker)
+                found = self._find_own(marker)
             except PPIOError:
                 found = None
             if found is None:
@@ -380,34 +277,31 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
 
     def _follow(self, task_id: str, context: Context) -> dict[str, Any]:
         """Push the details, then wait (unless ``wait_for_completion`` is off); return the result."""
-        task: PrewarmTask | None = self._task if self._task is not None and self._task.task_id == task_id else None
+        task = self._task
+        if task is None:
+            # Before deferring, one read with the hook's normal attempts: the triggerer waits out an outage.
+            task = self._read(task_id, patient=not (self.deferrable and self.wait_for_completion))
         if task is not None:
-            self._push_details(task, context)
-        else:
-            # Before deferring, one read with the hook's normal attempts: waiting out an outage is the triggerer's
-            # job, not a worker slot's. A wait in the worker is patient (up to unreachable_timeout).
-            task = self._read_for_wait(task_id, context, patient=not (self.deferrable and self.wait_for_completion))
+            context["ti"].xcom_push(key=XCOM_PREWARM_TASK, value=task.to_xcom())
         if not self.wait_for_completion:
-            if task is None:
-                self._timed_out(task_id)
-            return self._complete(task, context)
-        deadline = self._deadline
-        while True:
-            if task is not None and self._finished(task):
-                return self._complete(task, context)
+            return self._complete(task, context) if task is not None else self._timed_out(task_id)
+        while task is None or not self._finished(task):
             if self.deferrable:
-                self._defer(task_id, deadline)
+                self._defer(task_id)
+            deadline = self._deadline
             if deadline is not None and time.time() >= deadline:
                 self._timed_out(task_id)
-            wait = self.poke_interval if deadline is None else min(self.poke_interval, deadline - time.time())
-            time.sleep(max(0.0, wait))
-            task = self._read_for_wait(task_id, context, patient=True)
+            time.sleep(
+                max(0.0, self.poke_interval if deadline is None else min(self.poke_interval, deadline - time.time()))
+            )
+            task = self._read(task_id, patient=True)
+        return self._complete(task, context)
 
-    def _read_for_wait(self, task_id: str, context: Context, *, patient: bool) -> PrewarmTask | None:
+    def _read(self, task_id: str, *, patient: bool) -> PrewarmTask | None:
         """The task, or None when a transient error leaves the wait to go on (deferred, or up to the deadline)."""
-        deadline = self._deadline
+        # patient: the hook retries transient errors up to unreachable_timeout (only for a wait in the worker).
         try:
-            return self._read_and_push(task_id, context, patient=patient, deadline=deadline)
+            self._task = self.hook.get_prewarm_task(task_id, patient=patient, deadline=self._deadline)
         except PPIOError as err:
             if not err.transient:
                 raise
@@ -415,12 +309,45 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
                 self.log.warning("Could not read prewarm task %s (%s); the triggerer waits it out", task_id, err)
                 return None
             # Transient errors were retried for up to unreachable_timeout; one left means the deadline came.
-            if deadline is None or time.time() < deadline:
+            if self._deadline is None or time.time() < self._deadline:
                 raise
             self.log.warning("The timeout passed while the API gave no usable answer: %s", err)
             return None
+        return self._task
 
-    # -- killed ----------------------------------------------------------------------------------------
+    def _finished(self, task: PrewarmTask) -> bool:
+        """The sensor's decision: True on success, ``PPIOPrewarmFailedError`` on failure, else keep waiting."""
+        if task.outcome is Outcome.FAILED:
+            raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
+        if task.outcome is Outcome.SUCCEEDED:
+            return True
+        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
+
+        log_waiting(self.log, task)
+        return False
+
+    def _timed_out(self, task_id: str) -> NoReturn:
+        status = self._task.status.status if self._task is not None else "unknown"
+        raise AirflowFailException(
+            f"PPIO prewarm task {task_id!r} did not finish within {self.timeout:g}s (last status: {status}); "
+            + _LEFT_AS_IT_IS
+        )
+
+    def _complete(self, task: PrewarmTask, context: Context) -> dict[str, Any]:
+        details = task.to_xcom()
+        if self._reused:
+            details["reused"] = True
+        if task.outcome is Outcome.SUCCEEDED:
+            self.log.info(
+                "Prewarm task %s succeeded: %s in region %s (%s bytes)",
+                task.task_id,
+                task.image,
+                task.region_id,
+                task.image_size,
+            )
+            if self.wait_for_completion and self.outlets:
+                attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
+        return details
 
     def on_kill(self) -> None:
         """Delete the pending or running prewarm this try pushed as ``prewarm_task_id`` (``delete_on_kill``)."""
@@ -445,28 +372,23 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             return
         self.log.warning("Killed: deleted prewarm task %s, which this try started (delete_on_kill=True)", task_id)
 
-    # -- deferrable ----------------------------------------------------------------------------------
-
-    def _defer(self, task_id: str, deadline: float | None) -> None:
+    def _defer(self, task_id: str) -> None:
         # airflow.triggers.base is only needed to defer, not to parse a DAG.
-        from airflow_provider_ppio.triggers.prewarm import (
-            DEFERRAL_TIMEOUT_GRACE,
-            MIN_DEFERRED_POKE_INTERVAL,
-            PrewarmTaskTrigger,
-        )
+        from airflow_provider_ppio.triggers import prewarm as triggers
 
-        trigger = PrewarmTaskTrigger(
+        deadline = self._deadline
+        trigger = triggers.PrewarmTaskTrigger(
             prewarm_task_id=task_id,
             ppio_conn_id=self.ppio_conn_id,
-            poke_interval=max(self.poke_interval, MIN_DEFERRED_POKE_INTERVAL),
+            poke_interval=max(self.poke_interval, triggers.MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
             unreachable_timeout=self.unreachable_timeout,
-            # Never True here: Airflow 3.3.2's triggerer cancels a trigger "by user action", and so calls its
-            # on_kill, also when the trigger moves to another triggerer (update_triggers), not only on a kill.
+            # Never True: Airflow 3.3.2's triggerer calls a trigger's on_kill also when it hands the trigger to
+            # another triggerer, not only on a kill; a deferred create's prewarm is the teardown's to delete.
             delete_on_kill=False,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
-        backstop = None if deadline is None else max(0.0, deadline - time.time()) + DEFERRAL_TIMEOUT_GRACE
+        backstop = None if deadline is None else max(0.0, deadline - time.time()) + triggers.DEFERRAL_TIMEOUT_GRACE
         self.defer(
             trigger=trigger,
             method_name="execute_complete",
@@ -477,26 +399,25 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
     def execute_complete(
         self, context: Context, event: dict[str, Any] | None = None, prewarm_task_id: str = ""
     ) -> dict[str, Any]:
-        """
-        Resume after the trigger fired: the same outcome and XCom as waiting in a worker.
+        """Resume after the trigger fired: the same outcome and XCom as waiting in a worker."""
+        # Airflow 3's dags test drops the defer kwargs (prewarm_task_id): then the id pushed before deferring counts.
+        # airflow.triggers.base is only needed once a trigger answered, not to parse a DAG.
+        from airflow_provider_ppio.triggers.prewarm import task_from_event
 
-        :param context: The task context.
-        :param event: The trigger's event payload.
-        :param prewarm_task_id: The prewarm task the trigger waited for (``defer`` kwargs; ``dags test`` on
-            Airflow 3 drops them, so the id this try pushed to XCom before deferring is the fallback).
-        """
         self._reset()
         ti = context["ti"]
-        expected = prewarm_task_id or ti.xcom_pull(
-            task_ids=ti.task_id, key=XCOM_PREWARM_TASK_ID, map_indexes=getattr(ti, "map_index", None)
-        )
-        self._owned = str(expected or "") or None
-        task = prewarm_task_from_event(event, expected_task_id=str(expected or ""))
-        self._task = task
-        self._pushed_details = True  # before deferring; the return value is the final state
-        return self._complete(task, context)
+        pushed = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_PREWARM_TASK_ID, map_indexes=getattr(ti, "map_index", None))
+        expected = str(prewarm_task_id or pushed or "")
+        self._owned = expected or None
 
-    # -- helpers -------------------------------------------------------------------------------------
+        def timed_out(message: str) -> AirflowFailException:
+            return AirflowFailException(
+                f"{message or f'PPIO prewarm task {expected!r} did not finish in time'}; {_LEFT_AS_IT_IS}"
+            )
+
+        task = task_from_event(event, expected_task_id=expected, reader="operator", timeout_error=timed_out)
+        self._finished(task)  # the event's task succeeded, or failed: then this raises
+        return self._complete(task, context)
 
     def _wait_for_quota(self, err: PPIOQuotaExceededError) -> None:
         """Wait (here, or deferred) before the next create; fail when the wait would pass the deadline."""
@@ -504,7 +425,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         if self._quota_since is None:
             self._quota_since = now
         first = max(self.poke_interval, MIN_QUOTA_WAIT)
-        wait = min(first * 2**self._quota_attempt, first * QUOTA_BACKOFF_CAP_FACTOR) * random.uniform(*_QUOTA_JITTER)
+        wait = min(first * 2**self._quota_attempt, first * QUOTA_BACKOFF_CAP_FACTOR) * random.uniform(0.8, 1.2)
         self._quota_attempt += 1
         waited = now - self._quota_since
         if self._deadline is not None:
@@ -516,14 +437,29 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             )
         self._log_quota_wait(err, waited, wait, now)
         if self.deferrable:
-            self._defer_quota_wait(wait)
+            # Airflow's timer trigger, where each Airflow line keeps it; only needed to defer.
+            try:
+                from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+            except ImportError:  # Airflow 2.11
+                from airflow.triggers.temporal import DateTimeTrigger  # type: ignore[no-redef,unused-ignore]
+
+            self.defer(
+                trigger=DateTimeTrigger(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait)),
+                method_name="resume_after_quota_wait",
+                kwargs={
+                    "deadline": self._deadline,
+                    "quota_attempt": self._quota_attempt,
+                    "quota_since": self._quota_since,
+                    "quota_state": self._quota_state,
+                    "quota_logged_at": self._quota_logged_at,
+                },
+            )
         time.sleep(wait)
 
     def _log_quota_wait(self, err: PPIOQuotaExceededError, waited: float, wait: float, now: float) -> None:
-        """One WARNING when what the wait knows changes, and a summary every ``QUOTA_SUMMARY_INTERVAL``."""
+        """A WARNING when what the wait knows changes and every ``QUOTA_SUMMARY_INTERVAL``, INFO in between."""
         state = self._account_activity()
-        reason = err.api_message or err
-        if state == _QUOTA_IDLE:
+        if state == "idle":
             message = (
                 "The account's prewarm quota is used up (%s) and none of its prewarm tasks is pending or running, "
                 "so waiting may not help: " + QUOTA_FINISHED_HINT + " Waited %.0fs so far; next create in %.0fs"
@@ -532,69 +468,64 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             message = (
                 "The account's prewarm quota is used up (%s); waited %.0fs so far for a free slot, next create in %.0fs"
             )
-        repeat = self._quota_logged_at is not None and now - self._quota_logged_at < QUOTA_SUMMARY_INTERVAL
-        if state == self._quota_state and repeat:
-            self.log.info(message, reason, waited, wait)
+        recent = self._quota_logged_at is not None and now - self._quota_logged_at < QUOTA_SUMMARY_INTERVAL
+        if state == self._quota_state and recent:
+            self.log.info(message, err.api_message or err, waited, wait)
             return
-        self.log.warning(message, reason, waited, wait)
-        self._quota_state = state
-        self._quota_logged_at = now
+        self.log.warning(message, err.api_message or err, waited, wait)
+        self._quota_state, self._quota_logged_at = state, now
 
     def _account_activity(self) -> str:
-        """Whether any prewarm task of the account (any region) is pending or running; unknown if unreadable."""
+        """``busy`` if any prewarm of the account (any region) is pending or running, else ``idle``; or ``unknown``."""
         try:
             for status in ("pending", "running"):
                 if next(iter(self.hook.list_prewarm_tasks(status=status, page_size=1)), None) is not None:
-                    return _QUOTA_BUSY
+                    return "busy"
         except PPIOError as err:
             self.log.info("Could not list the account's pending and running prewarm tasks: %s", err)
-            return _QUOTA_UNKNOWN
-        return _QUOTA_IDLE
+            return "unknown"
+        return "idle"
 
-    def _defer_quota_wait(self, wait: float) -> None:
-        # Airflow's timer trigger, from where each Airflow line keeps it; only needed to defer.
-        try:
-            from airflow.providers.standard.triggers.temporal import DateTimeTrigger
-        except ImportError:  # Airflow 2.11
-            from airflow.triggers.temporal import DateTimeTrigger  # type: ignore[no-redef,unused-ignore]
-
-        moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait)
-        self.defer(
-            trigger=DateTimeTrigger(moment),
-            method_name="resume_after_quota_wait",
-            kwargs={
-                "deadline": self._deadline,
-                "quota_attempt": self._quota_attempt,
-                "quota_since": self._quota_since,
-                "quota_state": self._quota_state,
-                "quota_logged_at": self._quota_logged_at,
-            },
+    def _find_own(self, marker: str) -> str | None:
+        """This task instance's newest pending, running or succeeded prewarm task, by marker."""
+        candidates = [
+            task
+            for task in self.hook.list_prewarm_tasks(region_id=self.region_id, name=marker)
+            if marker in task.note.split()
+            and (task.image, task.region_id) == (self.image, self.region_id)
+            and task.outcome is not Outcome.FAILED
+        ]
+        if not candidates:
+            return None
+        if len(candidates) > 1:
+            self.log.warning("%d prewarm tasks carry marker %s; reusing the newest", len(candidates), marker)
+        self._task = task = max(candidates, key=lambda candidate: candidate.created_at)
+        self.log.info(
+            "Reusing prewarm task %s (%s) started by an earlier try of this task", task.task_id, task.status.status
         )
+        return task.task_id
 
     def _find_prewarmed(self) -> str | None:
         """A succeeded prewarm of exactly this image in this region that may be reused (``reuse_prewarmed``)."""
-        reference = image_reference(self.image)
-        if reference["digest"] is None and self.max_age is None:
+        name, digest = _image_name_and_digest(self.image)
+        if digest is None and self.max_age is None:
             self.log.warning(
                 "reuse_prewarmed: %s is a tag, not a digest, and no max_age is set: a tag can move, so no earlier "
                 "prewarm is reused",
                 self.image,
             )
             return None
-        oldest = None if reference["digest"] is not None else time.time() - (self.max_age or 0)
+        oldest = None if digest is not None else time.time() - (self.max_age or 0)
         candidates = [
             task
-            for task in self.hook.list_prewarm_tasks(
-                status="succeeded", region_id=self.region_id, name=reference["name"]
-            )
-            if task.image == self.image
-            and task.region_id == self.region_id
+            for task in self.hook.list_prewarm_tasks(status="succeeded", region_id=self.region_id, name=name)
+            if (task.image, task.region_id) == (self.image, self.region_id)
             and task.outcome is Outcome.SUCCEEDED
             and (oldest is None or task.completed_at >= oldest)
         ]
         if not candidates:
             return None
-        task = max(candidates, key=lambda candidate: candidate.completed_at)
+        self._task = task = max(candidates, key=lambda candidate: candidate.completed_at)
         self.log.info(
             "Reusing prewarm task %s: %s is already prewarmed in region %s (completed at %s); nothing is created",
             task.task_id,
@@ -602,85 +533,12 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             self.region_id,
             datetime.datetime.fromtimestamp(task.completed_at, datetime.UTC).isoformat(),
         )
-        self._task = task
         self._reused = True
         return task.task_id
 
-    def _find_reusable(self, marker: str) -> str | None:
-        """This task instance's newest pending, running or succeeded prewarm task, by marker."""
-        candidates = [
-            task
-            for task in self.hook.list_prewarm_tasks(region_id=self.region_id, name=marker)
-            if marker in task.note.split()
-            and task.image == self.image
-            and task.region_id == self.region_id
-            and task.outcome is not Outcome.FAILED
-        ]
-        if not candidates:
-            return None
-        if len(candidates) > 1:
-            self.log.warning("%d prewarm tasks carry marker %s; reusing the newest", len(candidates), marker)
-        task = max(candidates, key=lambda candidate: candidate.created_at)
-        self.log.info(
-            "Reusing prewarm task %s (%s) started by an earlier try of this task", task.task_id, task.status.status
-        )
-        self._task = task
-        return task.task_id
-
-    def _read_and_push(
-        self, task_id: str, context: Context, *, patient: bool, deadline: float | None = None
-    ) -> PrewarmTask:
-        # patient: retry transient errors up to unreachable_timeout; only where the wait runs in the worker.
-        task = self.hook.get_prewarm_task(task_id, patient=patient, deadline=deadline)
-        self._task = task
-        self._push_details(task, context)
-        return task
-
-    def _push_details(self, task: PrewarmTask, context: Context) -> None:
-        if not self._pushed_details:
-            context["ti"].xcom_push(key=XCOM_PREWARM_TASK, value=task.to_xcom())
-            self._pushed_details = True
-
-    def _finished(self, task: PrewarmTask) -> bool:
-        """The sensor's decision: True on success, AirflowFailException on failure, else keep waiting."""
-        outcome = task.outcome
-        if outcome is Outcome.FAILED:
-            raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
-        if outcome is Outcome.SUCCEEDED:
-            return True
-        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
-
-        log_waiting(self.log, task)
-        return False
-
-    def _timed_out(self, task_id: str) -> NoReturn:
-        status = self._task.status.status if self._task is not None else "unknown"
-        raise AirflowFailException(
-            f"PPIO prewarm task {task_id!r} did not finish within {self.timeout:g}s (last status: {status}); "
-            "it was left as it is: delete it with PPIODeletePrewarmTasksOperator or keep waiting with "
-            "PrewarmTaskSensor"
-        )
-
-    def _complete(self, task: PrewarmTask, context: Context) -> dict[str, Any]:
-        details = task.to_xcom()
-        if self._reused:
-            details["reused"] = True
-        if task.outcome is Outcome.SUCCEEDED:
-            self.log.info(
-                "Prewarm task %s succeeded: %s in region %s (%s bytes)",
-                task.task_id,
-                task.image,
-                task.region_id,
-                task.image_size,
-            )
-            if self.wait_for_completion and self.outlets:
-                attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
-        self._result = details
-        return details
-
 
 def _may_have_created(err: PPIOError) -> bool:
-    """Whether a create that raised ``err`` may still have created the task (so look it up before failing)."""
+    """Whether a create that raised ``err`` may have created the task: the hook never resends it, so look it up."""
     if isinstance(err, PPIOTransportError):
         return err.request_sent
     if isinstance(err, PPIOServerError | PPIOBadResponseError):
@@ -689,30 +547,23 @@ def _may_have_created(err: PPIOError) -> bool:
     return err.http_status in (408, 409)
 
 
-def image_reference(image: str) -> dict[str, str | None]:
-    """
-    Split an image reference into its short name, tag and digest; refuse one that cannot be parsed.
-
-    :param image: E.g. ``registry.example.com/team/server:1.4`` or ``...server@sha256:<64 hex>``.
-    """
+def _image_name_and_digest(image: str) -> tuple[str, str | None]:
+    """The short name and the digest (if pinned) of an image reference; refuse one that cannot be parsed."""
     match = _IMAGE_REFERENCE.match(image) if isinstance(image, str) else None
     if match is None:
         raise PPIOInvalidInputError(
             f"reuse_prewarmed needs an image reference such as registry.example.com/team/image:tag or "
             f"...image@sha256:<digest>, got {image!r}"
         )
-    path = image.split("@", 1)[0]
-    if match["tag"]:
-        path = path[: -len(match["tag"]) - 1]
-    return {"name": path.rsplit("/", 1)[-1], "tag": match["tag"], "digest": match["digest"]}
+    return match["path"].rsplit("/", 1)[-1], match["digest"]
 
 
 def idempotency_marker(context: Context) -> str:
     """
     The token that ties a prewarm task to one run of a task instance: the same for every retry, new on a clear.
 
-    ``max_tries`` tells a clear from a retry on every Airflow line: it stays as it is across retries (and
-    deferrals), and a clear sets it to ``try_number + retries`` (``clear_task_instances``), which only grows.
+    ``max_tries`` tells a clear from a retry on every Airflow line: retries and deferrals keep it, and a clear
+    sets it to ``try_number + retries``, which only grows.
 
     :param context: The task context (its ``ti``: dag id, task id, run id, map index, ``max_tries``).
     """
@@ -723,53 +574,12 @@ def idempotency_marker(context: Context) -> str:
     return MARKER_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:_MARKER_DIGITS]
 
 
-def prewarm_task_from_event(event: Any, *, expected_task_id: str) -> PrewarmTask:
-    """
-    The succeeded prewarm task of a :class:`PrewarmTaskTrigger` event; raise for any other outcome.
-
-    The sensor's rules (:func:`~airflow_provider_ppio.triggers.prewarm.task_from_event`), except that a
-    ``timeout`` raises ``AirflowFailException`` (no retry: the prewarm is left as it is).
-
-    :param event: The event payload.
-    :param expected_task_id: The prewarm task the trigger was started for.
-    """
-    # airflow.triggers.base is only needed once a trigger answered, not to parse a DAG.
-    from airflow_provider_ppio.triggers.prewarm import task_from_event
-
-    def timed_out(message: str) -> AirflowFailException:
-        return AirflowFailException(
-            f"{message or f'PPIO prewarm task {expected_task_id!r} did not finish in time'}; it was left as it is: "
-            "delete it with PPIODeletePrewarmTasksOperator or keep waiting with PrewarmTaskSensor"
-        )
-
-    task = task_from_event(event, expected_task_id=expected_task_id, reader="operator", timeout_error=timed_out)
-    if task.outcome is Outcome.FAILED:
-        raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
-    return task
-
-
 class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
     """
     Delete prewarm tasks, e.g. as the teardown of a DAG that created them.
 
-    ``prewarm_task_ids`` takes one id, a list of ids, the details dicts pushed by the other
-    operators and the sensor (their ``task_id`` is used), or a mix, such as
-    ``create.output["prewarm_task_id"]`` of a mapped :class:`PPIOCreatePrewarmTaskOperator`. Empty
-    entries are skipped and duplicates sent once.
-
-    A template such as ``"{{ ti.xcom_pull(task_ids='prewarm') }}"`` renders to a string unless the DAG
-    sets ``render_template_as_native_obj=True``; a string that is a rendered list, tuple or details dict
-    (JSON or Python literal) is read as what it shows. Anything else that is not an id (a number, a
-    literal that does not parse, ``"None"``, an id with whitespace or a comma, a dict without
-    ``task_id``) fails the task before any request: see :func:`collect_prewarm_task_ids` for the rules.
-
-    By default an id the API does not know is not an error (the task was cleaned up already); when
-    none of the ids was known a warning says that nothing was deleted. With ``fail_on_missing=True``
-    every id is read first and the task fails, deleting nothing, if any is unknown.
-
-    Returns (XCom ``return_value``) ``{"deleted": [...], "not_found": [...]}``: the ids the API accepted
-    the delete for, and those it answered 404 for. An API that ignores unknown ids in a batch delete
-    (as the emulator does) lists them under ``deleted``.
+    Returns ``{"deleted": [...], "not_found": [...]}``. An unknown id is not an error unless ``fail_on_missing``;
+    a value that is not an id fails the task before any request (see :func:`collect_prewarm_task_ids`).
 
     :param prewarm_task_ids: The prewarm task ids (templated).
     :param ppio_conn_id: The PPIO connection id (templated).
@@ -793,11 +603,6 @@ class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
         self.fail_on_missing = fail_on_missing
 
     def execute(self, context: Context) -> dict[str, list[str]]:
-        """
-        Delete the tasks; return ``{"deleted": [...], "not_found": [...]}``.
-
-        :param context: The task context.
-        """
         ids = collect_prewarm_task_ids(self.prewarm_task_ids)  # refuses bad input before any request
         if not ids:
             self.log.info("No prewarm task to delete")
@@ -813,7 +618,6 @@ class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
         except PPIONotFoundError:
             if self.fail_on_missing:
                 raise
-            # The API refused the batch over an unknown id: one at a time, skipping the unknown ones.
             self.log.info("The API does not know some of the ids; deleting them one by one")
             deleted = []
             for task_id in ids:
@@ -843,39 +647,30 @@ class PPIODeletePrewarmTasksOperator(PPIOHookMixin, BaseOperator):
         return True
 
 
+_HOW_TO_PASS_IDS = (
+    "pass the ids themselves: an XComArg such as create.output['prewarm_task_id'], a list, or a template "
+    "on a DAG with render_template_as_native_obj=True (otherwise '{{ ti.xcom_pull(...) }}' renders to a string)"
+)
+
+
 def collect_prewarm_task_ids(value: Any) -> list[str]:
     """
-    Flatten ids, details dicts (``task_id``) and (nested) lists of them into unique ids, in order.
+    Flatten ids, details dicts (their ``task_id``) and nested lists of them into unique ids, in order.
 
-    Without ``render_template_as_native_obj`` a templated list arrives as its string form, so a string is
-    read this way (surrounding whitespace ignored):
-
-    * empty: skipped, like ``None`` and ``""`` anywhere;
-    * starting with ``[``, ``(`` or ``{``: a rendered list, tuple or dict, read with ``json.loads`` and
-      else ``ast.literal_eval`` (never ``eval``), then flattened by the same rules; one that reads as
-      neither is refused;
-    * anything else is one id: 1-255 characters, not ``.`` or ``..`` (the hook's rules), and, because
-      these mean a value went wrong on the way, without whitespace, control characters, commas or quotes,
-      and not ``None`` / ``null`` (what a template renders for an XCom that was not found).
-
-    A dict must carry a string ``task_id``; numbers, booleans, bytes and other objects are refused. Every
-    refusal is a :class:`~airflow_provider_ppio.exceptions.PPIOInvalidInputError` raised before any request.
+    Empty entries (``None``, ``""``) are skipped. A string starting with ``[``, ``(`` or ``{`` is a rendered list,
+    tuple or dict (JSON, else a Python literal; never ``eval``); any other string is one id. Anything else raises
+    ``PPIOInvalidInputError``: the rules are tabled in docs/lifecycle.md.
 
     :param value: What ``prewarm_task_ids`` rendered to.
     """
-
-    how = (
-        "pass the ids themselves: an XComArg such as create.output['prewarm_task_id'], a list, or a template "
-        "on a DAG with render_template_as_native_obj=True (otherwise '{{ ti.xcom_pull(...) }}' renders to a string)"
-    )
     ids: dict[str, None] = {}  # ordered and unique
 
     def refuse(problem: str, item: Any) -> PPIOInvalidInputError:
         shown = repr(item)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        return PPIOInvalidInputError(f"prewarm_task_ids: {shown} {problem}; {how}")
+        return PPIOInvalidInputError(f"prewarm_task_ids: {shown} {problem}; {_HOW_TO_PASS_IDS}")
 
-    def parse(text: str) -> Any:
+    def literal(text: str) -> Any:
         try:
             return json.loads(text)
         except ValueError:
@@ -889,23 +684,23 @@ def collect_prewarm_task_ids(value: Any) -> list[str]:
         text = item.strip()
         if not text:
             return
-        if literals and text[0] in "[({":
-            parsed = parse(text)
+        if text[0] in "[({":
+            if not literals:
+                raise refuse("is a list or dict literal where one id belongs", item)
+            parsed = literal(text)
             if not isinstance(parsed, list | tuple | set | frozenset | dict):
                 raise refuse(f"reads as a value of type {type(parsed).__name__}, not a list of ids", item)
             visit(parsed)
-            return
-        if text[0] in "[({":
-            raise refuse("is a list or dict literal where one id belongs", item)
-        if text in ("None", "null"):
+        elif text in ("None", "null"):
             raise refuse("is what a template renders when the XCom it pulls does not exist", item)
-        if len(text) > TASK_ID_MAX_LENGTH:
+        elif len(text) > TASK_ID_MAX_LENGTH:
             raise refuse(f"is {len(text)} characters long; an id has at most {TASK_ID_MAX_LENGTH}", item)
-        if text in (".", ".."):
+        elif text in (".", ".."):
             raise refuse("is not a valid id", item)
-        if any(char.isspace() or not char.isprintable() or char in ",'\"" for char in text):
+        elif any(char.isspace() or not char.isprintable() or char in ",'\"" for char in text):
             raise refuse("is not one id: it holds whitespace, a comma or a quote", item)
-        ids[text] = None
+        else:
+            ids[text] = None
 
     def visit(item: Any) -> None:
         if item is None:
