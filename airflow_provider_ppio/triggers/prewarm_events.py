@@ -234,20 +234,9 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "image": self.image,
-                "name": self.name,
-                "region_id": self.region_id,
-                "statuses": list(self.statuses),
-                "watch_all": self.watch_all,
-                "ppio_conn_id": self.ppio_conn_id,
-                "poke_interval": self.poke_interval,
-                "catch_up_horizon": self.catch_up_horizon,
-                "unreachable_timeout": self.unreachable_timeout,
-            },
-        )
+        names = ("image", "name", "region_id", "watch_all", "ppio_conn_id", "poke_interval", "catch_up_horizon")
+        kwargs = {name: getattr(self, name) for name in (*names, "unreachable_timeout")}
+        return f"{type(self).__module__}.{type(self).__qualname__}", {**kwargs, "statuses": list(self.statuses)}
 
     def list_query(self) -> dict[str, str | None]:
         """The API's filters; statuses and the exact image are checked here, so more watchers share a walk."""
@@ -257,15 +246,8 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
 
     def shared_stream_key(self) -> Hashable | None:
         """Watchers that would send the same walk share it (Airflow 3.3)."""
-        query = self.list_query()
-        return (
-            "ppio-prewarm-tasks",
-            self.ppio_conn_id,
-            query["region_id"],
-            query["name"],
-            self.poke_interval,
-            self.unreachable_timeout,
-        )
+        query = self.list_query()  # region_id, name
+        return ("ppio-prewarm-tasks", self.ppio_conn_id, *query.values(), self.poke_interval, self.unreachable_timeout)
 
     @classmethod
     def create_shared_stream_producer(cls, kwargs: dict[str, Any]) -> SharedStreamProducer:
