@@ -90,22 +90,20 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         :param context: The task context.
         """
         try:
-            if self.reschedule and not self.deferrable:
-                # The timeout counts from the first poke, as Airflow's own execute counts it on each line.
-                started = _first_poke(self, context)
-                self._deadline = (started.timestamp() if started else time.time()) + self.timeout
-                try:
-                    result = super().execute(context)
-                except AirflowRescheduleException:
-                    raise
-                except BaseException:
-                    _Outage(context, self.log).forget()
-                    raise
-                _Outage(context, self.log).forget()
-                return result
-            self._deadline = time.time() + self.timeout
             if not self.deferrable:
-                return super().execute(context)
+                # Reschedule mode's timeout counts from the first poke, as Airflow's own execute counts it.
+                first = _first_poke(self, context) if self.reschedule else None
+                self._deadline = (first.timestamp() if first else time.time()) + self.timeout
+                ends = self.reschedule
+                try:
+                    return super().execute(context)
+                except AirflowRescheduleException:
+                    ends = False
+                    raise
+                finally:
+                    if ends:
+                        _Outage(context, self.log).forget()
+            self._deadline = time.time() + self.timeout
             try:
                 answer = self.poke(context)
             except AirflowException as err:
@@ -151,12 +149,9 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         """
         from airflow_provider_ppio.triggers.prewarm import task_from_event
 
-        def timed_out(message: str) -> AirflowSensorTimeout:
-            return AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
-
         try:
             task = task_from_event(
-                event, expected_task_id=self.prewarm_task_id, reader="sensor", timeout_error=timed_out
+                event, expected_task_id=self.prewarm_task_id, reader="sensor", timeout_error=self._timed_out
             )
         except AirflowException as err:
             if deadline and time.time() < deadline and self._keeps_waiting_through(err):
@@ -255,6 +250,9 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         log_waiting(self.log, task, since if task.created_at > 0 else "")
         return False
 
+    def _timed_out(self, message: str) -> AirflowSensorTimeout:
+        return AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {message}")
+
     def _keeps_waiting_through(self, err: BaseException) -> bool:
         """``silent_fail``: log an error that is not a failed prewarm or a timeout, and keep waiting."""
         if not self.silent_fail or isinstance(err, (AirflowFailException, AirflowSensorTimeout)):
@@ -278,7 +276,7 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             return err  # Airflow's own timeout skip under soft_fail
         name = type(cause).__name__
         if name == "TaskDeferralTimeout" or (name == "TaskDeferralError" and "timeout" in str(cause).lower()):
-            cause = AirflowSensorTimeout(f"Sensor has timed out after {self.timeout:g}s: {cause}")
+            cause = self._timed_out(str(cause))
         if self.never_fail:
             skip = AirflowSkipException(f"Skipping due to never_fail: {cause}")
         elif self.soft_fail and (
