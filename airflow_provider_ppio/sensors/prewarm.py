@@ -172,31 +172,17 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
 
         :param context: The task context.
         """
-        if self.deferrable or self.reschedule:
-            return self._poke_once(context)
-        try:
-            task = self.hook.get_prewarm_task(self.prewarm_task_id, patient=True, deadline=self._deadline)
-        except PPIOError as err:
-            if err.transient and self._deadline is not None and time.time() >= self._deadline:
-                self.log.warning("The sensor's timeout passed while the API gave no usable answer: %s", err)
-                return False  # BaseSensorOperator raises the timeout
-            raise
-        return self.judge(task, context)
-
-    @cached_property
-    def _one_try_hook(self) -> PPIOHook:
-        """A hook that makes one attempt per call, for the pokes that free the worker slot."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        return PPIOHook(ppio_conn_id=self.ppio_conn_id, max_attempts=1, unreachable_timeout=self.unreachable_timeout)
-
-    def _poke_once(self, context: Context) -> PokeReturnValue | bool:
-        """One request; transient trouble defers (the trigger waits it out) or reschedules within the outage bound."""
         from airflow_provider_ppio.hooks._retry import gave_up
         from airflow_provider_ppio.hooks._shared import Patience, prewarm_task_path
 
+        # Only poke mode waits out API trouble here; the other modes make one request and leave patience to the
+        # trigger (deferrable) or to the next poke (reschedule).
+        patient = not (self.deferrable or self.reschedule)
+        hook = self.hook if patient else self._one_try_hook
         try:
-            task = self._one_try_hook.get_prewarm_task(self.prewarm_task_id)
+            task = hook.get_prewarm_task(
+                self.prewarm_task_id, patient=patient, deadline=self._deadline if patient else None
+            )
         except PPIOError as err:
             if not err.transient:
                 raise
@@ -204,12 +190,14 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
                 self.log.warning("The PPIO API gave no usable answer (%s); the trigger waits for it", err)
                 return False
             now = time.time()
-            outage = _Outage(context, self.log)
-            since = outage.began(now)
-            unreachable = self._one_try_hook.settings.unreachable_timeout
+            outage = None if patient else _Outage(context, self.log)
+            since = outage.began(now) if outage else now
+            unreachable = hook.settings.unreachable_timeout
             if self._deadline is not None and now >= self._deadline and self._deadline <= since + unreachable:
                 self.log.warning("The sensor's timeout passed while the API gave no usable answer: %s", err)
                 return False  # BaseSensorOperator raises the timeout
+            if outage is None:
+                raise
             if now >= since + unreachable:
                 outage.forget()
                 raise gave_up(err, Patience(unreachable), f"GET {prewarm_task_path(self.prewarm_task_id)}") from err
@@ -222,6 +210,13 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
             )
             return False
         return self.judge(task, context)
+
+    @cached_property
+    def _one_try_hook(self) -> PPIOHook:
+        """A hook that makes one attempt per call, for the pokes that free the worker slot."""
+        from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+        return PPIOHook(ppio_conn_id=self.ppio_conn_id, max_attempts=1, unreachable_timeout=self.unreachable_timeout)
 
     def judge(self, task: PrewarmTask, context: Context | None = None) -> PokeReturnValue | bool:
         """
