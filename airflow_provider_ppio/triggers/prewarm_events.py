@@ -408,7 +408,7 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
         ledger = Ledger.from_json(value, self.catch_up_horizon)
         if ledger is None:
             return store, None
-        saved_watermark = value.get("watermark") if isinstance(value, dict) else None
+        saved_watermark = value.get("watermark")  # a dict: Ledger.from_json read it
         if isinstance(saved_watermark, int) and saved_watermark != ledger.watermark:
             self.log.warning(
                 "The saved watermark of the prewarm watch (%s) was %s, in the future: repaired to now (%d); tasks "
