@@ -1,10 +1,4 @@
-"""
-``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer.
-
-Thousands of these share one event loop, so a wait holds little more than its coroutine: the waits of
-one connection (and ``unreachable_timeout``) share one hook and its settings, polls go through the
-process-wide shared HTTP session, and nothing of a poll is kept once it is done.
-"""
+"""``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer, and read its events."""
 
 from __future__ import annotations
 
@@ -37,8 +31,7 @@ EVENT_SUCCESS: Final = "success"
 EVENT_FAILED: Final = "failed"
 #: The sensor's timeout passed while the task was still running (or the API was not answering).
 EVENT_TIMEOUT: Final = "timeout"
-#: An error that ends the wait (bad key, unknown task, unusable answer, broken connection settings, or
-#: an API that gave no usable answer for ``unreachable_timeout``).
+#: An error ended the wait (bad key, unknown task, unusable answer, bad connection, ``unreachable_timeout``).
 EVENT_ERROR: Final = "error"
 #: Every event this trigger can fire; anything else is refused by the sensor.
 EVENT_STATUSES: Final = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
@@ -61,8 +54,8 @@ class PrewarmTaskTrigger(BaseTrigger):
     ``message``, ``reason`` and ``task``), ``timeout`` and ``error`` (with ``message``,
     ``error_type`` and ``http_status``). Transient API errors (network, 429, 5xx) are retried with
     backoff for up to ``unreachable_timeout``, never past the deadline. Unknown statuses keep it
-    waiting. Waits running at the same time with the same connection read it once and share its key
-    (a 401 makes them read it again).
+    waiting. Thousands of waits share a triggerer: those of one connection share one hook (the
+    connection is read when the first starts, and again after a 401), and none keeps a poll's answer.
 
     :param prewarm_task_id: Id of the prewarm task to wait for.
     :param ppio_conn_id: The PPIO connection id.
@@ -116,7 +109,7 @@ class PrewarmTaskTrigger(BaseTrigger):
         from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
 
         key = (self.ppio_conn_id, self.unreachable_timeout)
-        hook = _HOOKS.acquire(key)
+        hook = _acquire_hook(key)
         try:
             try:
                 settings = await hook.aget_settings()
@@ -132,10 +125,10 @@ class PrewarmTaskTrigger(BaseTrigger):
                 # Airflow 3 stores events in the database: the key, as this wait started and as a 401 may have
                 # rotated it, is scrubbed from every string (a server may echo it in a message or a task field).
                 payload = _scrubbed(result, settings.secret)
-                with contextlib.suppress(AirflowException):  # a re-read after a 401 failed: the error says so
+                with contextlib.suppress(AirflowException):  # the connection went away after a 401
                     payload = _scrubbed(payload, (await hook.aget_settings()).secret)
         finally:
-            _HOOKS.release(key)
+            _release_hook(key)
         yield TriggerEvent(payload)  # type: ignore[no-untyped-call]
 
     async def _poll(self, hook: PPIOHook, last_status: str | None) -> dict[str, Any] | str:
@@ -191,31 +184,27 @@ class PrewarmTaskTrigger(BaseTrigger):
         return payload | fields
 
 
-class _SharedHooks:
-    """One hook per (connection id, ``unreachable_timeout``), shared by the waits of the process that use it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hooks: dict[tuple[str, float | None], tuple[PPIOHook, int]] = {}
-
-    def acquire(self, key: tuple[str, float | None]) -> PPIOHook:
-        """The shared hook for ``key``, built if no wait holds it; pair with :meth:`release`."""
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        with self._lock:
-            hook, users = self._hooks.get(key) or (PPIOHook(ppio_conn_id=key[0], unreachable_timeout=key[1]), 0)
-            self._hooks[key] = (hook, users + 1)
-        return hook
-
-    def release(self, key: tuple[str, float | None]) -> None:
-        """One wait is done with the hook; the last one drops it, so the next wait reads the connection anew."""
-        with self._lock:
-            hook, users = self._hooks.pop(key)
-            if users > 1:
-                self._hooks[key] = (hook, users - 1)
+#: The hook of each (connection id, ``unreachable_timeout``) some wait of this process uses, and how many use it.
+_HOOKS: dict[tuple[str, float | None], tuple[PPIOHook, int]] = {}
+_HOOKS_LOCK = threading.Lock()
 
 
-_HOOKS = _SharedHooks()
+def _acquire_hook(key: tuple[str, float | None]) -> PPIOHook:
+    """The hook the waits of ``key`` share, built if none holds it; pair with :func:`_release_hook`."""
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+    with _HOOKS_LOCK:
+        hook, users = _HOOKS.get(key) or (PPIOHook(ppio_conn_id=key[0], unreachable_timeout=key[1]), 0)
+        _HOOKS[key] = (hook, users + 1)
+    return hook
+
+
+def _release_hook(key: tuple[str, float | None]) -> None:
+    """One wait is done with the hook; the last one drops it, so the next wait reads the connection anew."""
+    with _HOOKS_LOCK:
+        hook, users = _HOOKS.pop(key)
+        if users > 1:
+            _HOOKS[key] = (hook, users - 1)
 
 
 def _scrubbed(value: Any, secret: SecretStr) -> Any:
@@ -231,7 +220,7 @@ def _scrubbed(value: Any, secret: SecretStr) -> Any:
 
 def error_from_event(event: dict[str, Any], message: str) -> PPIOError:
     """
-    The error an ``error`` event stands for: the same class poke mode raises, when it is one of ours.
+    The error an ``error`` event stands for: the class poke mode raises, when it is one of ours.
 
     :param event: The trigger's ``error`` event.
     :param message: The event's message.
@@ -249,12 +238,10 @@ def task_from_event(
     event: Any, *, expected_task_id: str, reader: str, timeout_error: Callable[[str], BaseException]
 ) -> PrewarmTask:
     """
-    The prewarm task a trigger event reports, checked: what every ``execute_complete`` does first.
+    The succeeded or failed prewarm task a trigger event reports, checked: what every ``execute_complete`` does first.
 
-    An event of an unknown kind, for another task, or whose task contradicts it fails closed (an
-    ``AirflowException`` naming the reader); ``timeout`` raises ``timeout_error(message)``; ``error``
-    raises the error class poke mode would raise. The task returned has either succeeded (the event
-    said ``success``) or failed: the caller fails the task with its reasons.
+    An unknown event, or one that contradicts itself, fails closed; ``timeout`` raises ``timeout_error(message)``;
+    ``error`` raises the error class poke mode would raise.
 
     :param event: The payload of the trigger's event.
     :param expected_task_id: The prewarm task the trigger was started for.
