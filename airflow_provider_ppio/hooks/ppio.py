@@ -124,7 +124,9 @@ class PPIOHook(BaseHook):
     async def aget_settings(self) -> ClientSettings:
         """The same settings as :attr:`settings`, resolved without blocking the event loop."""
         if self._async_settings is None:
-            self._async_settings = self._build_settings(await _async.CONNECTION_LOOKUPS.read(self, self.ppio_conn_id))
+            fields = await _async.CONNECTION_LOOKUPS.read(self, self.ppio_conn_id)
+            if self._async_settings is None:  # else another wait sharing this hook built them meanwhile
+                self._async_settings = self._build_settings(fields)
         return self._async_settings
 
     def _build_settings(self, fields: ConnectionFields) -> ClientSettings:
@@ -402,7 +404,7 @@ class PPIOHook(BaseHook):
                     )
                     return await policy.acall(attempt)
             except PPIOAuthError as err:
-                if rotation or err.http_status != 401 or not await self._akey_rotated():
+                if rotation or err.http_status != 401 or not await self._akey_rotated(settings):
                     raise
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
@@ -420,12 +422,13 @@ class PPIOHook(BaseHook):
         self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
         return True
 
-    async def _akey_rotated(self) -> bool:
-        """Async :meth:`_key_rotated`."""
-        old = await self.aget_settings()
+    async def _akey_rotated(self, refused: ClientSettings) -> bool:
+        """Async :meth:`_key_rotated`; at once True if another wait sharing this hook has rotated the key."""
+        if (await self.aget_settings()).api_key != refused.api_key:
+            return True
         self._async_settings = None
         new = await self.aget_settings()
-        if new.api_key == old.api_key:
+        if new.api_key == refused.api_key:
             return False
         self.log.warning("The API key was refused; connection %r now holds another key: using it", self.ppio_conn_id)
         return True

@@ -1,20 +1,15 @@
-"""
-``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer.
-
-Thousands of these share one event loop, so each one is cheap: one hook and one connection
-lookup per wait, polls through the process-wide shared HTTP session (one bounded connection pool),
-the hook's retry policy with backoff on transient errors (holding nothing while it sleeps), and
-nothing but primitives in :meth:`PrewarmTaskTrigger.serialize`.
-"""
+"""``PrewarmTaskTrigger``: wait for a PPIO image prewarm task in the triggerer, and read its events."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from airflow.providers.common.compat.sdk import AirflowException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -27,14 +22,16 @@ from airflow_provider_ppio.hooks import check_seconds
 from airflow_provider_ppio.hooks._shared import prewarm_task_path, scrub
 from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
 
+if TYPE_CHECKING:
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
 #: The prewarm task succeeded; the event carries its details (``task``) as plain JSON.
 EVENT_SUCCESS: Final = "success"
 #: The prewarm task failed; the event carries ``error``, ``message``, ``reason`` and ``task``.
 EVENT_FAILED: Final = "failed"
 #: The sensor's timeout passed while the task was still running (or the API was not answering).
 EVENT_TIMEOUT: Final = "timeout"
-#: An error that ends the wait (bad key, unknown task, unusable answer, broken connection settings, or
-#: an API that gave no usable answer for ``unreachable_timeout``).
+#: An error ended the wait (bad key, unknown task, unusable answer, bad connection, ``unreachable_timeout``).
 EVENT_ERROR: Final = "error"
 #: Every event this trigger can fire; anything else is refused by the sensor.
 EVENT_STATUSES: Final = frozenset({EVENT_SUCCESS, EVENT_FAILED, EVENT_TIMEOUT, EVENT_ERROR})
@@ -57,16 +54,16 @@ class PrewarmTaskTrigger(BaseTrigger):
     ``message``, ``reason`` and ``task``), ``timeout`` and ``error`` (with ``message``,
     ``error_type`` and ``http_status``). Transient API errors (network, 429, 5xx) are retried with
     backoff for up to ``unreachable_timeout``, never past the deadline. Unknown statuses keep it
-    waiting.
+    waiting. Thousands of waits share a triggerer: those of one connection share one hook (the
+    connection is read when the first starts, and again after a 401), and none keeps a poll's answer.
 
     :param prewarm_task_id: Id of the prewarm task to wait for.
     :param ppio_conn_id: The PPIO connection id.
     :param poke_interval: Seconds between two polls.
     :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
     :param unreachable_timeout: Overrides the connection's bound on outages, in seconds.
-    :param delete_on_kill: Delete the prewarm task, if still pending or running, in ``on_kill``. Airflow 3
-        calls it when a user kills the deferred task and also when the trigger moves to another triggerer, so
-        no operator of this provider sets it.
+    :param delete_on_kill: Ignored: a wait never deletes its prewarm task (the triggerer also kills a
+        trigger it hands to another triggerer).
     """
 
     def __init__(
@@ -92,9 +89,6 @@ class PrewarmTaskTrigger(BaseTrigger):
         self.poke_interval = float(poke_interval)
         self.deadline = None if deadline is None else float(deadline)
         self.unreachable_timeout = None if unreachable_timeout is None else float(unreachable_timeout)
-        self.delete_on_kill = bool(delete_on_kill)
-        #: The key, once read: scrubbed from every event's message (Airflow 3 stores events in the database).
-        self._secret: SecretStr | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and the keyword arguments that rebuild this trigger (primitives only)."""
@@ -106,78 +100,59 @@ class PrewarmTaskTrigger(BaseTrigger):
                 "poke_interval": self.poke_interval,
                 "deadline": self.deadline,
                 "unreachable_timeout": self.unreachable_timeout,
-                "delete_on_kill": self.delete_on_kill,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        """Wait, then fire exactly one event."""
-        payload = await self._wait()
+        """Poll until the wait ends, then fire exactly one event."""
+        # The hook stack (aiohttp) is only needed in the triggerer, not when a DAG is parsed.
+        from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
+
+        key = (self.ppio_conn_id, self.unreachable_timeout)
+        hook = _acquire_hook(key)
+        try:
+            try:
+                settings = await hook.aget_settings()
+            except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
+                payload = self._error_event(err)
+            else:
+                # Leased for the whole wait, so polls reuse its connections; released before the event fires.
+                async with SHARED_SESSIONS.lease(settings):
+                    result: dict[str, Any] | str | None = None
+                    while not isinstance(result, dict):
+                        await asyncio.sleep(self._next_wait())
+                        result = await self._poll(hook, result)
+                # Airflow 3 stores events in the database: the key, as this wait started and as a 401 may have
+                # rotated it, is scrubbed from every string (a server may echo it in a message or a task field).
+                payload = _scrubbed(result, settings.secret)
+                with contextlib.suppress(AirflowException):  # the connection went away after a 401
+                    payload = _scrubbed(payload, (await hook.aget_settings()).secret)
+        finally:
+            _release_hook(key)
         yield TriggerEvent(payload)  # type: ignore[no-untyped-call]
 
-    async def _wait(self) -> dict[str, Any]:
-        """
-        Poll until the wait ends and return the event payload.
-
-        The shared HTTP session is leased for the whole wait (so polls reuse its connections) and
-        released before the event is fired, or when the trigger is cancelled: nothing is left for
-        ``cleanup`` to close.
-        """
-        # The hook stack (aiohttp, tenacity) is only needed in the triggerer, not when a DAG is parsed.
-        from airflow_provider_ppio.hooks._async import SHARED_SESSIONS
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
+    async def _poll(self, hook: PPIOHook, last_status: str | None) -> dict[str, Any] | str:
+        """One poll: the payload of the event that ends the wait, or the task's status to keep waiting."""
         try:
-            settings = await hook.aget_settings()
-            self._secret = settings.secret
-        except AirflowException as err:  # missing connection, no key, bad base URL: waiting will not help
+            task = await hook.aget_prewarm_task(self.prewarm_task_id, patient=True, deadline=self.deadline)
+        except AirflowException as err:  # a PPIOError, or the connection gone when a 401 made the hook re-read it
+            if isinstance(err, PPIOError) and err.transient and self._past_deadline():
+                return self._timeout_event(last_status, err)
             return self._error_event(err)
-        async with SHARED_SESSIONS.lease(settings):
-            last_status: str | None = None
-            while True:
-                await asyncio.sleep(self._next_wait())
-                try:
-                    task = await hook.aget_prewarm_task(self.prewarm_task_id, patient=True, deadline=self.deadline)
-                except PPIOError as err:
-                    if not (err.transient and self._past_deadline()):
-                        return self._error_event(err)
-                    return self._timeout_event(last_status, err)
-                outcome = task.outcome
-                if outcome is Outcome.SUCCEEDED:
-                    return self._event(EVENT_SUCCESS, f"PPIO prewarm task {task.task_id!r} succeeded", task=task)
-                if outcome is Outcome.FAILED:
-                    return self._failed_event(task)
-                if task.status.status != last_status:  # one line per change, not per poll: waits share a log
-                    log_waiting(self.log, task, f"; polling every {self.poke_interval:g}s")
-                    last_status = task.status.status
-                if self._past_deadline():
-                    return self._timeout_event(last_status)
-
-    async def on_kill(self) -> None:
-        """A user killed the deferred task (Airflow 3.3): delete its pending or running prewarm (``delete_on_kill``)."""
-        if not self.delete_on_kill:
-            return
-        # The hook stack is only needed in the triggerer, not when a DAG is parsed.
-        from airflow_provider_ppio.hooks._shared import PREWARM_TASKS_PATH
-        from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-        hook = PPIOHook(ppio_conn_id=self.ppio_conn_id, unreachable_timeout=self.unreachable_timeout)
-        task_id = self.prewarm_task_id
-        try:
-            task = await hook.aget_prewarm_task(task_id)
-        except PPIOError as err:
-            self.log.warning("Killed: could not read prewarm task %s (%s); deleting it anyway", task_id, err)
-        else:
-            if task.outcome is not Outcome.WAITING:
-                self.log.info("Killed: prewarm task %s is %s already; not deleted", task_id, task.status.status)
-                return
-        try:
-            await hook.arequest("DELETE", PREWARM_TASKS_PATH, json={"task_ids": [task_id]}, allow_empty=True)
-        except PPIOError as err:
-            self.log.warning("Killed: could not delete prewarm task %s: %s", task_id, err)
-            return
-        self.log.warning("Killed: deleted prewarm task %s, which the killed task started (delete_on_kill)", task_id)
+        outcome = task.outcome
+        if outcome is Outcome.SUCCEEDED:
+            return self._event(EVENT_SUCCESS, f"PPIO prewarm task {task.task_id!r} succeeded", task=task)
+        if outcome is Outcome.FAILED:
+            error, reasons, summary = task.status.error, task.reasons, task.failure_summary()
+            return self._event(
+                EVENT_FAILED, task.status.message, task=task, error=error, reason=reasons, summary=summary
+            )
+        if task.status.status != last_status:  # one line per change, not per poll: waits share a log
+            # The class's logger: Airflow 3 would build one per wait (its log routing is per asyncio task).
+            log_waiting(self.logger(), task, f"; polling every {self.poke_interval:g}s")
+        if self._past_deadline():
+            return self._timeout_event(task.status.status)
+        return task.status.status
 
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -198,39 +173,42 @@ class PrewarmTaskTrigger(BaseTrigger):
             message += f"; the API was not answering at the deadline: {error}"
         return self._event(EVENT_TIMEOUT, message, last_status=last_status)
 
+    def _error_event(self, err: AirflowException) -> dict[str, Any]:
+        http_status = err.http_status if isinstance(err, PPIOError) else None
+        return self._event(EVENT_ERROR, str(err), error_type=type(err).__name__, http_status=http_status)
+
     def _event(self, status: str, message: str, *, task: PrewarmTask | None = None, **fields: Any) -> dict[str, Any]:
         payload: dict[str, Any] = {"status": status, "prewarm_task_id": self.prewarm_task_id, "message": message}
         if task is not None:
             payload["task"] = task.to_xcom()
-        payload.update(fields)
-        # Airflow 3 stores the event in the database: a key the server echoed anywhere in it (a message, a field
-        # of the task) is scrubbed in every form.
-        scrubbed: dict[str, Any] = _scrubbed(payload, self._secret)
-        return scrubbed
-
-    def _failed_event(self, task: PrewarmTask) -> dict[str, Any]:
-        return self._event(
-            EVENT_FAILED,
-            task.status.message,
-            task=task,
-            error=task.status.error,
-            reason=task.reasons,
-            summary=task.failure_summary(),
-        )
-
-    def _error_event(self, err: Exception) -> dict[str, Any]:
-        return self._event(
-            EVENT_ERROR,
-            str(err),
-            error_type=type(err).__name__,
-            http_status=err.http_status if isinstance(err, PPIOError) else None,
-        )
+        return payload | fields
 
 
-def _scrubbed(value: Any, secret: SecretStr | None) -> Any:
+#: The hook of each (connection id, ``unreachable_timeout``) some wait of this process uses, and how many use it.
+_HOOKS: dict[tuple[str, float | None], tuple[PPIOHook, int]] = {}
+_HOOKS_LOCK = threading.Lock()
+
+
+def _acquire_hook(key: tuple[str, float | None]) -> PPIOHook:
+    """The hook the waits of ``key`` share, built if none holds it; pair with :func:`_release_hook`."""
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+    with _HOOKS_LOCK:
+        hook, users = _HOOKS.get(key) or (PPIOHook(ppio_conn_id=key[0], unreachable_timeout=key[1]), 0)
+        _HOOKS[key] = (hook, users + 1)
+    return hook
+
+
+def _release_hook(key: tuple[str, float | None]) -> None:
+    """One wait is done with the hook; the last one drops it, so the next wait reads the connection anew."""
+    with _HOOKS_LOCK:
+        hook, users = _HOOKS.pop(key)
+        if users > 1:
+            _HOOKS[key] = (hook, users - 1)
+
+
+def _scrubbed(value: Any, secret: SecretStr) -> Any:
     """``value`` (JSON data, nested a few levels) with the key scrubbed from every string in it."""
-    if secret is None:
-        return value
     if isinstance(value, str):
         return scrub(value, secret)
     if isinstance(value, dict):
@@ -242,7 +220,7 @@ def _scrubbed(value: Any, secret: SecretStr | None) -> Any:
 
 def error_from_event(event: dict[str, Any], message: str) -> PPIOError:
     """
-    The error an ``error`` event stands for: the same class poke mode raises, when it is one of ours.
+    The error an ``error`` event stands for: the class poke mode raises, when it is one of ours.
 
     :param event: The trigger's ``error`` event.
     :param message: The event's message.
@@ -260,12 +238,10 @@ def task_from_event(
     event: Any, *, expected_task_id: str, reader: str, timeout_error: Callable[[str], BaseException]
 ) -> PrewarmTask:
     """
-    The prewarm task a trigger event reports, checked: what every ``execute_complete`` does first.
+    The succeeded or failed prewarm task a trigger event reports, checked: what every ``execute_complete`` does first.
 
-    An event of an unknown kind, for another task, or whose task contradicts it fails closed (an
-    ``AirflowException`` naming the reader); ``timeout`` raises ``timeout_error(message)``; ``error``
-    raises the error class poke mode would raise. The task returned has either succeeded (the event
-    said ``success``) or failed: the caller fails the task with its reasons.
+    An unknown event, or one that contradicts itself, fails closed; ``timeout`` raises ``timeout_error(message)``;
+    ``error`` raises the error class poke mode would raise.
 
     :param event: The payload of the trigger's event.
     :param expected_task_id: The prewarm task the trigger was started for.

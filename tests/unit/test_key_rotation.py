@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aio_server import RotatingKeyAPI, api_server
+from aiohttp import web
 from trigger_runs import first_event
 
 from airflow_provider_ppio.exceptions import PPIOAuthError
@@ -192,6 +193,52 @@ async def test_a_trigger_waiting_through_the_rotation_succeeds(
     assert event["status"] == "success"
     assert event["task"]["task_id"] == "pw-1"
     assert_one_401_then_new_key(api.log)
+
+
+@pytest.mark.timeout(30)
+async def test_many_waits_sharing_a_connection_all_carry_on_through_the_rotation(
+    api: RotatingKeyAPI, set_conn: Callable[..., None], connection_reads: list[str]
+) -> None:
+    # The waits of one connection share its key: each one that meets a 401 after another has switched to the
+    # new key goes on with it, instead of failing because its own re-read finds the key it already holds.
+    ids = [f"pw-{n}" for n in range(30)]
+    api.status.update(dict.fromkeys(ids, "running"))
+    triggers = [PrewarmTaskTrigger(prewarm_task_id=i, poke_interval=0.05, deadline=time.time() + 30) for i in ids]
+    waiting = asyncio.gather(*(first_event(trigger) for trigger in triggers))
+    await wait_until(lambda: len(api.log) >= 60)
+    assert connection_reads == ["async ppio_default"]  # read once for all the waits
+
+    answer = api.server.behaviour
+
+    async def refuse_slowly(request: web.Request) -> web.StreamResponse:
+        if api.accepted == NEW_KEY and OLD_KEY in request.headers.get("Authorization", ""):
+            await asyncio.sleep(0.3)  # every wait's refusal arrives while another wait is switching keys
+        return await answer(request)
+
+    api.server.behaviour = refuse_slowly
+    rotate(api, set_conn, update_connection=True)
+    await wait_until(lambda: api.log[-30:].count((NEW_KEY, 200)) == 30)
+    api.status.update(dict.fromkeys(ids, "succeeded"))
+    events = await asyncio.wait_for(waiting, 20)
+
+    assert [event["status"] for event in events] == ["success"] * 30
+    assert 2 <= api.log.count((OLD_KEY, 401)) <= 30  # refusals met after another wait switched; one per wait
+    assert len(connection_reads) <= 1 + api.log.count((OLD_KEY, 401))
+
+
+@pytest.mark.timeout(30)
+async def test_a_wait_that_starts_after_the_others_ended_reads_the_connection_again(
+    api: RotatingKeyAPI, set_conn: Callable[..., None], connection_reads: list[str]
+) -> None:
+    api.status["pw-1"] = "succeeded"
+    first = await first_event(PrewarmTaskTrigger(prewarm_task_id="pw-1", poke_interval=0.05))
+    rotate(api, set_conn, update_connection=True)  # e.g. edited while no wait ran
+
+    second = await first_event(PrewarmTaskTrigger(prewarm_task_id="pw-1", poke_interval=0.05))
+
+    assert (first["status"], second["status"]) == ("success", "success")
+    assert api.log == [(OLD_KEY, 200), (NEW_KEY, 200)]  # no 401: the new wait read the new key
+    assert connection_reads == ["async ppio_default"] * 2
 
 
 @pytest.mark.timeout(30)

@@ -1124,9 +1124,7 @@ def test_on_kill_leaves_a_finished_or_reused_prewarm_and_honours_the_opt_out(api
     assert set(api.tasks) == {"pw-warm", "pw-1", "pw-2"}
 
 
-def test_the_create_trigger_never_deletes_on_kill_and_the_read_before_deferring_is_one_attempt(
-    api: FakeAPI, clock: Clock
-) -> None:
+def test_the_read_before_deferring_is_one_attempt(api: FakeAPI, clock: Clock) -> None:
     from airflow.providers.common.compat.sdk import TaskDeferred
 
     api.fail_reads = [503] * 50  # an outage: waiting it out is the triggerer's job
@@ -1135,11 +1133,7 @@ def test_the_create_trigger_never_deletes_on_kill_and_the_read_before_deferring_
         create_op(deferrable=True).execute(make_context())
 
     assert len(api.reads) == 5  # the hook's normal attempts, not unreachable_timeout of patience
-    # A triggerer hand-over calls on_kill too (Airflow 3.3.2): the deferred prewarm is the teardown's to delete.
-    assert deferred.value.trigger.serialize()[1]["delete_on_kill"] is False
-    with pytest.raises(TaskDeferred) as kept:
-        create_op(deferrable=True, delete_on_kill=False).execute(make_context(FakeTI(run_id="manual__2")))
-    assert kept.value.trigger.serialize()[1]["delete_on_kill"] is False
+    assert deferred.value.trigger.prewarm_task_id == "pw-1"
 
 
 # -- quota wait messages ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ patience with an API that gives no usable answer, its restart, and the shared se
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -121,7 +122,6 @@ def test_serialize_round_trips_through_airflow_serde_with_primitives_only() -> N
         "poke_interval": 30.0,
         "deadline": 1.8e9,
         "unreachable_timeout": 120.0,
-        "delete_on_kill": False,  # no operator asks the trigger to delete on kill
     }
 
 
@@ -494,3 +494,35 @@ async def test_concurrent_triggers_share_one_session_and_release_it(emulator: Em
     assert sorted(event["prewarm_task_id"] for event in events) == sorted(f"pw-{n}" for n in range(40))
     assert {event["status"] for event in events} == {"success"}
     assert SHARED_SESSIONS.open_sessions() == 0
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+
+def alive(cls: type) -> int:
+    """How many objects of ``cls`` are alive."""
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if type(obj) is cls)  # not isinstance: lazy proxies import on it
+
+
+@pytest.mark.timeout(60)
+async def test_waits_between_polls_share_one_hook_and_hold_no_answer(emulator: EmulatorServer) -> None:
+    # A triggerer runs thousands of waits: between two polls a wait holds no hook, settings or answer of its own.
+    from airflow_provider_ppio.hooks._shared import ClientSettings
+    from airflow_provider_ppio.hooks.ppio import PPIOHook
+
+    waits = 50
+    for n in range(waits):
+        emulator.control.seed_task(task_id=f"pw-{n}", state="running")
+    hooks, settings = alive(PPIOHook), alive(ClientSettings)
+    tasks = [asyncio.create_task(first_event(make_trigger(f"pw-{n}", poke_interval=1.0))) for n in range(waits)]
+    await wait_for_requests(emulator, waits)  # every wait polled once...
+    started = time.monotonic()
+    while alive(PrewarmTask) and time.monotonic() - started < 0.7:  # ...and read its answer; the next polls are
+        await asyncio.sleep(0.02)  # 0.9 s after the first ones at least
+
+    assert alive(PrewarmTask) == 0
+    assert (alive(PPIOHook) - hooks, alive(ClientSettings) - settings) == (1, 1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
