@@ -383,9 +383,6 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             poke_interval=max(self.poke_interval, triggers.MIN_DEFERRED_POKE_INTERVAL),
             deadline=deadline,
             unreachable_timeout=self.unreachable_timeout,
-            # Never True: Airflow 3.3.2's triggerer calls a trigger's on_kill also when it hands the trigger to
-            # another triggerer, not only on a kill; a deferred create's prewarm is the teardown's to delete.
-            delete_on_kill=False,
         )
         # As in the sensor: the trigger ends the wait at the deadline; Airflow's timeout is the backstop.
         backstop = None if deadline is None else max(0.0, deadline - time.time()) + triggers.DEFERRAL_TIMEOUT_GRACE

@@ -62,8 +62,6 @@ class PrewarmTaskTrigger(BaseTrigger):
     :param poke_interval: Seconds between two polls.
     :param deadline: Unix time after which the wait ends with a ``timeout`` event; None waits forever.
     :param unreachable_timeout: Overrides the connection's bound on outages, in seconds.
-    :param delete_on_kill: Ignored: a wait never deletes its prewarm task (the triggerer also kills a
-        trigger it hands to another triggerer).
     """
 
     def __init__(
@@ -74,7 +72,6 @@ class PrewarmTaskTrigger(BaseTrigger):
         poke_interval: float = 60.0,
         deadline: float | None = None,
         unreachable_timeout: float | None = None,
-        delete_on_kill: bool = False,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         prewarm_task_path(prewarm_task_id)  # refuse a bad id here, not in the triggerer

@@ -331,17 +331,6 @@ def kill(trigger: Any) -> None:
         asyncio.run(on_kill())
 
 
-def test_a_trigger_leaves_its_prewarm_on_kill_even_when_asked_to_delete_it(emulator: EmulatorServer) -> None:
-    from airflow_provider_ppio.triggers.prewarm import PrewarmTaskTrigger
-
-    emulator.control.seed_task(task_id="pwt-own", state="running")
-    trigger = PrewarmTaskTrigger(prewarm_task_id="pwt-own", poke_interval=1, delete_on_kill=True)  # ignored
-
-    kill(trigger)
-
-    assert [t["task_id"] for t in emulator.control.tasks()] == ["pwt-own"]
-
-
 def test_the_deferred_creates_trigger_leaves_its_prewarm_on_kill(emulator: EmulatorServer) -> None:
     from airflow.providers.common.compat.sdk import TaskDeferred
 
