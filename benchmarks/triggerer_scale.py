@@ -13,7 +13,9 @@ a triggerer does); the driver measures it from outside, so measuring costs the w
 
 Next to the two triggers, ``bare aiohttp`` is the floor: N coroutines that poll our task path the same way
 with nothing but one aiohttp session (the same 50-connection limit) and ``json.loads``; what any aiohttp
-poller pays in this loop, measured in the same run.
+poller pays in this loop, measured in the same run. ``bare aiohttp + Airflow`` is the same floor in a process
+that imported ``airflow.triggers.base`` first, as every triggerer has: its peak RSS holds Airflow's own import,
+so ours / it compares what the waits cost.
 
 Outage runs (``--outage 503 hang``): ``--outage-waits`` ``PrewarmTaskTrigger`` waits, all due
 ``--outage-deadline`` seconds after they start, against the same server switched to answer every
@@ -74,8 +76,12 @@ THEIRS = "HttpSensorTrigger"
 #: Not a trigger: N coroutines polling the same task path with one bare aiohttp session (same 50-connection
 #: limit, keep-alive), a GET and ``json.loads`` per poll: what any aiohttp poller pays in this loop.
 FLOOR = "bare aiohttp"
-#: Which of the server's request counters counts a kind's polls (the floor polls our path).
-COUNTER = {OURS: OURS, THEIRS: THEIRS, FLOOR: OURS}
+#: The same floor in a process that has imported ``airflow.triggers.base`` first, as every triggerer has: the
+#: memory a triggerer pays before any trigger runs is in both figures, so the ratio compares the waits alone.
+FLOOR_AIRFLOW = "bare aiohttp + Airflow"
+FLOORS = (FLOOR, FLOOR_AIRFLOW)
+#: Which of the server's request counters counts a kind's polls (the floors poll our path).
+COUNTER = {OURS: OURS, THEIRS: THEIRS, FLOOR: OURS, FLOOR_AIRFLOW: OURS}
 MARKER = "@@bench "
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Triggerer scale"
@@ -275,7 +281,9 @@ def worker(kind: str, count: int, port: int, interval: float, limit: float, sche
 
         def done(payload: Any) -> bool:
             return isinstance(payload, dict) and payload.get("status") == "success"
-    elif kind == FLOOR:
+    elif kind in FLOORS:
+        if kind == FLOOR_AIRFLOW:
+            import airflow.triggers.base  # noqa: F401  (what a triggerer process has loaded)
         triggers = [
             BarePoller(f"{scheme}://127.0.0.1:{port}/gpus/v2/prewarm-tasks/pw-{n}", interval) for n in range(count)
         ]
@@ -685,11 +693,13 @@ def summarize(results: list[Result]) -> list[list[Any]]:
     rows = []
     for scheme, count, interval in sorted({(r.scheme, r.count, r.interval) for r in results}, reverse=True):
         cpu: dict[str, float] = {}
-        for kind in (OURS, THEIRS, FLOOR):
+        rss: dict[str, float] = {}
+        for kind in (OURS, THEIRS, *FLOORS):
             runs = [r for r in results if (r.scheme, r.count, r.kind) == (scheme, count, kind)]
             if not runs:
                 continue
             cpu[kind] = median([r.cpu_per_poll_us for r in runs])
+            rss[kind] = median([r.peak_rss_mb for r in runs])
             rows.append(
                 [
                     scheme,
@@ -704,13 +714,15 @@ def summarize(results: list[Result]) -> list[list[Any]]:
                     len(runs),
                 ]
             )
-        for other, label in ((THEIRS, "**ratio ours / theirs**"), (FLOOR, "ratio ours / bare aiohttp")):
+        labels = ((THEIRS, "**ratio ours / theirs**"), (FLOOR, "ratio ours / bare aiohttp"))
+        for other, label in (*labels, (FLOOR_AIRFLOW, "ratio ours / bare aiohttp + Airflow")):
             if OURS in cpu and other in cpu:
                 # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
                 usable = all(0 < cpu[kind] < float("inf") for kind in (OURS, other))
                 ratio = f"{cpu[OURS] / cpu[other]:.2f}" if usable else "n/a"
                 ratio = f"**{ratio}**" if other == THEIRS else ratio
-                rows.append([scheme, f"{count:,}", "", label, "", ratio, "", "", "", ""])
+                rss_ratio = f"{rss[OURS] / rss[other]:.2f}" if rss[other] > 0 else "n/a"
+                rows.append([scheme, f"{count:,}", "", label, rss_ratio, ratio, "", "", "", ""])
     return rows
 
 
@@ -797,7 +809,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, help="poke_interval of every trigger (default: N / 500, >= 5 s)")
     parser.add_argument("--rounds", type=int, default=3, help="poke intervals in the measured window")
     parser.add_argument(
-        "--kinds", nargs="+", default=[OURS, THEIRS, FLOOR], choices=[OURS, THEIRS, FLOOR], help="what to run"
+        "--kinds", nargs="+", default=[OURS, THEIRS, *FLOORS], choices=[OURS, THEIRS, *FLOORS], help="what to run"
     )
     parser.add_argument("--outage", nargs="*", default=[], choices=sorted(OUTAGE_MODES), help="outage scenarios")
     parser.add_argument("--outage-waits", type=int, default=1000, help="concurrent waits in an outage run")
@@ -829,7 +841,7 @@ def main() -> None:
                 for repeat in range(args.repeats if args.counts else 0):
                     for count in args.counts:
                         interval = args.interval or auto_interval(count)
-                        kinds = [kind for kind in (OURS, THEIRS, FLOOR) if kind in args.kinds]
+                        kinds = [kind for kind in (OURS, THEIRS, *FLOORS) if kind in args.kinds]
                         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
                             result = run_one(kind, count, port, interval, args.rounds, tls_dir)
                             results.append(result)

@@ -120,16 +120,19 @@ def test_triggerer_scale_runs_both_triggers_and_the_floor_and_every_wait_fires(t
     )
 
     ours, theirs = rows_with(output, "`PrewarmTaskTrigger`"), rows_with(output, "`HttpSensorTrigger`")
-    floor = rows_with(output, "`bare aiohttp`")
-    for rows in (ours, theirs, floor):
+    floor, floor_airflow = rows_with(output, "`bare aiohttp`"), rows_with(output, "`bare aiohttp + Airflow`")
+    for rows in (ours, theirs, floor, floor_airflow):
         assert [row[0] for row in rows] == ["https", "http"], output
-    for row in ours + theirs + floor:
+    for row in ours + theirs + floor + floor_airflow:
         assert row[7] == "0", row  # events lost
-    assert len(rows_with(output, "ratio ours / bare aiohttp")) == 2, output
+    for label in ("ratio ours / bare aiohttp", "ratio ours / bare aiohttp + Airflow"):
+        ratios = rows_with(output, label)
+        assert len(ratios) == 2, output
+        assert all(float(row[4]) > 0 for row in ratios), ratios  # the peak RSS ratio
     # Every run is in the JSON, in the shape benchmarks/plot.py draws (N, RSS, CPU per poll, lost).
     plot = plot_module()
     series = plot.growth_series(plot.load(tmp_path / "runs.json", "triggerer_scale"))
-    kinds = ("HttpSensorTrigger", "PrewarmTaskTrigger", "bare aiohttp")
+    kinds = ("HttpSensorTrigger", "PrewarmTaskTrigger", "bare aiohttp", "bare aiohttp + Airflow")
     assert sorted(series) == [(s, k) for s in ("http", "https") for k in kinds]
     for points in series.values():
         ((count, rss, cpu, lost),) = points
