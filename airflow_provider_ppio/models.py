@@ -154,6 +154,22 @@ class PrewarmTask(_ApiModel):
             parts.append("reasons: " + clip("; ".join(self.reasons), 1000))
         return " | ".join(parts)
 
+    def log_progress(self, log: Any, detail: str = "") -> None:
+        """
+        Log a task that succeeded or is still waiting (a WARNING for a status this provider does not know).
+
+        :param log: The caller's logger.
+        :param detail: Text appended to a waiting line (how long it has run, how often it is polled).
+        """
+        if self.outcome is Outcome.SUCCEEDED:
+            line = "Prewarm task %s succeeded: %s in region %s (%s bytes)"
+            log.info(line, clip(self.task_id), clip(self.image), clip(self.region_id), self.image_size)
+        elif self.state is None:
+            line = "Prewarm task %s has a status this provider does not know (%r); still waiting%s"
+            log.warning(line, clip(self.task_id), clip(self.status.status), detail)
+        else:
+            log.info("Prewarm task %s is %s%s", clip(self.task_id), self.status.status.strip(), detail)
+
     def to_xcom(self) -> dict[str, Any]:
         """The task as plain JSON-compatible data, for XCom and trigger events."""
         return self.model_dump(mode="json")
@@ -166,25 +182,6 @@ def decide(task: PrewarmTask) -> Outcome:
     :param task: The prewarm task as last read from the API.
     """
     return outcome_of(task.status.status)
-
-
-def log_waiting(log: Any, task: PrewarmTask, detail: str = "") -> None:
-    """
-    Log that ``task`` is not finished: info for a known status, a warning for one this provider does not know.
-
-    :param log: The caller's logger.
-    :param task: A task whose outcome is :attr:`Outcome.WAITING`.
-    :param detail: Text appended to the line (how long it has run, how often it is polled).
-    """
-    if task.state is None:
-        log.warning(
-            "Prewarm task %s has a status this provider does not know (%r); still waiting%s",
-            clip(task.task_id),
-            clip(task.status.status),
-            detail,
-        )
-    else:
-        log.info("Prewarm task %s is %s%s", clip(task.task_id), task.status.status.strip(), detail)
 
 
 def describe(err: ValidationError) -> str:

@@ -321,9 +321,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
             raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
         if task.outcome is Outcome.SUCCEEDED:
             return True
-        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
-
-        log_waiting(self.log, task)
+        task.log_progress(self.log)
         return False
 
     def _timed_out(self, task_id: str) -> NoReturn:
@@ -338,13 +336,7 @@ class PPIOCreatePrewarmTaskOperator(PPIOHookMixin, BaseOperator):
         if self._reused:
             details["reused"] = True
         if task.outcome is Outcome.SUCCEEDED:
-            self.log.info(
-                "Prewarm task %s succeeded: %s in region %s (%s bytes)",
-                task.task_id,
-                task.image,
-                task.region_id,
-                task.image_size,
-            )
+            task.log_progress(self.log)
             if self.wait_for_completion and self.outlets:
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
         return details

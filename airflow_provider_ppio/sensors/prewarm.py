@@ -227,24 +227,16 @@ class PrewarmTaskSensor(PPIOHookMixin, BaseSensorOperator):
         """
         outcome = task.outcome
         if outcome is Outcome.SUCCEEDED:
-            self.log.info(
-                "Prewarm task %s succeeded: %s in region %s (%s bytes)",
-                task.task_id,
-                task.image,
-                task.region_id,
-                task.image_size,
-            )
+            task.log_progress(self.log)
             details = task.to_xcom()
             if context is not None and self.outlets:
                 attach_prewarm_asset_events(context, self.outlets, details, log=self.log)
             return PokeReturnValue(is_done=True, xcom_value=details)
         if outcome is Outcome.FAILED:
             raise PPIOPrewarmFailedError(task.failure_summary(), prewarm_task_id=task.task_id)
-        from airflow_provider_ppio.models import log_waiting  # pydantic: only when a task runs
-
         age = max(0, int(time.time()) - task.created_at)
         since = f" ({age // 3600}h{age // 60 % 60:02d}m{age % 60:02d}s since it was created)"
-        log_waiting(self.log, task, since if task.created_at > 0 else "")
+        task.log_progress(self.log, since if task.created_at > 0 else "")
         return False
 
     def _timed_out(self, message: str) -> AirflowSensorTimeout:

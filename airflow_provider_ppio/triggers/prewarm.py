@@ -20,7 +20,7 @@ from airflow_provider_ppio.exceptions import PPIOError, PPIOInvalidInputError
 from airflow_provider_ppio.get_provider_info import DEFAULT_CONN_ID
 from airflow_provider_ppio.hooks import check_seconds
 from airflow_provider_ppio.hooks._shared import prewarm_task_path, scrub
-from airflow_provider_ppio.models import Outcome, PrewarmTask, log_waiting
+from airflow_provider_ppio.models import Outcome, PrewarmTask
 
 if TYPE_CHECKING:
     from airflow_provider_ppio.hooks.ppio import PPIOHook
@@ -146,7 +146,7 @@ class PrewarmTaskTrigger(BaseTrigger):
             )
         if task.status.status != last_status:  # one line per change, not per poll: waits share a log
             # The class's logger: Airflow 3 would build one per wait (its log routing is per asyncio task).
-            log_waiting(self.logger(), task, f"; polling every {self.poke_interval:g}s")
+            task.log_progress(self.logger(), f"; polling every {self.poke_interval:g}s")
         if self._past_deadline():
             return self._timeout_event(task.status.status)
         return task.status.status

@@ -398,8 +398,6 @@ def test_a_gzip_bomb_is_refused_at_the_cap(serve: Callable[..., HostileServer], 
 def test_a_long_status_value_is_quoted_short_in_the_log(serve: Callable[..., HostileServer], mode: str) -> None:
     import logging
 
-    from airflow_provider_ppio.models import log_waiting
-
     status = "q" * 150_000  # a status value of 150 KB, under the task cap
     serve(_send(response(200, json_body(task(status={"status": status, "message": "m" * 50_000})))))
     found, err, _ = get_task(mode)
@@ -412,7 +410,7 @@ def test_a_long_status_value_is_quoted_short_in_the_log(serve: Callable[..., Hos
             records.append(record.getMessage())
 
     logger.addHandler(Keep())
-    log_waiting(logger, found, "; polling")
+    found.log_progress(logger, "; polling")
     assert records and all(len(line) < 600 for line in records), [len(line) for line in records]
     assert len(found.failure_summary()) < 3000
 

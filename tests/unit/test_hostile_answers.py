@@ -20,7 +20,7 @@ from airflow_provider_ppio.hooks._shared import (
     scrub,
     server_text,
 )
-from airflow_provider_ppio.models import MAX_UNIX_SECONDS, PrewarmTask, log_waiting
+from airflow_provider_ppio.models import MAX_UNIX_SECONDS, PrewarmTask
 from airflow_provider_ppio.status import clip
 
 KEY = "sk_Unit7Rq2Wz9Lp4Xc8Vb3Nm6"
@@ -148,10 +148,10 @@ def test_clip_cuts_long_values() -> None:
     assert len(clip("x" * 10_000)) == 200
 
 
-def test_log_waiting_quotes_a_huge_status_short(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_waiting_line_quotes_a_huge_status_short(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     task = PrewarmTask.from_api(_task(task_id="t" * 5000, status={"status": "q" * 7_000_000}))
-    log_waiting(logging.getLogger("test"), task, "; polling")
+    task.log_progress(logging.getLogger("test"), "; polling")
     assert caplog.records and all(len(record.getMessage()) < 600 for record in caplog.records)
 
 
