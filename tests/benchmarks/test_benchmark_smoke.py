@@ -82,6 +82,12 @@ def test_parse_cost_measures_both_sensor_modules_in_fresh_processes() -> None:
     assert float(ours[0]) > 0 and float(http[0]) > 0
     # The sensor module must not drag requests, httpx or pydantic models into a DAG parse.
     assert int(ours[2]) < int(http[2])
+    # The splits are measured too: the hook (requests, aiohttp) costs more than the models, both more than 0.
+    models, hook = (
+        table_row(output, "split off: the pydantic models"),
+        table_row(output, "split off: the hook and its transports"),
+    )
+    assert 0 < float(models[0]) < float(hook[0]), output
 
 
 def rows_with(output: str, cell: str) -> list[list[str]]:
