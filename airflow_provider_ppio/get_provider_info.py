@@ -14,6 +14,8 @@ HOOK_CLASS_NAME = "airflow_provider_ppio.hooks.ppio.PPIOHook"
 CONNECTION_TYPE = "ppio"
 DEFAULT_CONN_ID = "ppio_default"
 DEFAULT_BASE_URL = "https://api.ppio.com"
+#: Longest prewarm task id the hook sends (also checked by operators before any request).
+TASK_ID_MAX_LENGTH = 255
 
 #: How the connection form looks; the hook's ``get_ui_field_behaviour`` returns the same dict (2.11).
 #: The port is shown because it is honoured (a port in the Base URL works too; the two must agree).

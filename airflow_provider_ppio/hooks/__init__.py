@@ -14,12 +14,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Literal, overload
 
 from airflow_provider_ppio.exceptions import PPIOInvalidInputError
+from airflow_provider_ppio.get_provider_info import TASK_ID_MAX_LENGTH as TASK_ID_MAX_LENGTH
 
 if TYPE_CHECKING:
     from airflow_provider_ppio.hooks.ppio import PPIOHook
-
-#: Longest prewarm task id the hook sends (also checked by operators before any request).
-TASK_ID_MAX_LENGTH = 255
 
 
 class PPIOHookMixin:

@@ -37,8 +37,7 @@ from airflow_provider_ppio.exceptions import (
     PPIOServerError,
     PPIOTransportError,
 )
-from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_BASE_URL
-from airflow_provider_ppio.hooks import TASK_ID_MAX_LENGTH
+from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_BASE_URL, TASK_ID_MAX_LENGTH
 
 PREWARM_TASKS_PATH = "/gpus/v2/prewarm-tasks"
 #: Largest answer read from any path (the generic ``get``/``request``); a larger body is refused, not read.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
@@ -20,7 +21,6 @@ from airflow_provider_ppio.exceptions import (
     PPIOTransportError,
 )
 from airflow_provider_ppio.get_provider_info import CONNECTION_TYPE, DEFAULT_CONN_ID, UI_FIELD_BEHAVIOUR
-from airflow_provider_ppio.hooks import PPIOHookMixin as PPIOHookMixin  # its old home
 from airflow_provider_ppio.hooks import _async, _sync
 from airflow_provider_ppio.hooks._retry import RetryPolicy
 from airflow_provider_ppio.hooks._shared import (
@@ -494,3 +494,17 @@ def _the_task_asked_for(task_id: str, answer: Any, secret: SecretStr) -> Prewarm
         del answer, task  # a traceback printed with locals must not show what the server sent
         raise PPIOBadResponseError(f"Asked for prewarm task {task_id!r}, the API answered with task {returned}")
     return task
+
+
+def __getattr__(name: str) -> Any:
+    """``PPIOHookMixin``'s old home, kept as a deprecated alias (imported lazily: no import circle)."""
+    if name != "PPIOHookMixin":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        "import PPIOHookMixin from airflow_provider_ppio.hooks, not airflow_provider_ppio.hooks.ppio",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    from airflow_provider_ppio.hooks import PPIOHookMixin
+
+    return PPIOHookMixin

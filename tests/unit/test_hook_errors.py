@@ -54,3 +54,13 @@ def test_errors_keep_their_fields_through_pickling() -> None:
     assert (type(sent), sent.request_sent, str(sent)) == (PPIOTransportError, False, "t")
     limited = pickle.loads(pickle.dumps(PPIORateLimitError("r", retry_after=3.0, status_code=429)))
     assert (limited.retry_after, limited.http_status) == (3.0, 429)
+
+
+def test_the_mixins_old_home_still_imports_with_a_deprecation_warning() -> None:
+    import airflow_provider_ppio.hooks.ppio as old_home
+    from airflow_provider_ppio.hooks import PPIOHookMixin
+
+    with pytest.warns(DeprecationWarning, match="import PPIOHookMixin from airflow_provider_ppio.hooks"):
+        assert old_home.PPIOHookMixin is PPIOHookMixin
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        old_home.NoSuchName  # noqa: B018
