@@ -341,6 +341,13 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
                         clip(task.image),
                         clip(task.region_id),
                     )
+                    if task.completed_at and not plausible_seconds(task.completed_at):
+                        self.log.warning(
+                            "Prewarm task %s has completed_at=%s, which is not Unix seconds: it is reported once, and "
+                            "that time is not used to decide which tasks are new",
+                            task.task_id,
+                            task.completed_at,
+                        )
                     ledger.record(task)
                     yield TriggerEvent(self._payload(task))  # type: ignore[no-untyped-call]
                 ledger.prune({task.task_id for task in tasks})
@@ -351,16 +358,7 @@ class PrewarmTaskEventTrigger(BaseEventTrigger):
     def _watches(self, task: PrewarmTask) -> bool:
         if task.state is None or task.state.value not in self.statuses:
             return False
-        if self.region_id not in (None, task.region_id) or self.image not in (None, task.image):
-            return False
-        if task.completed_at and not plausible_seconds(task.completed_at):
-            self.log.warning(
-                "Prewarm task %s has completed_at=%s, which is not Unix seconds: it is reported once, and that time "
-                "is not used to decide which tasks are new",
-                task.task_id,
-                task.completed_at,
-            )
-        return True
+        return self.region_id in (None, task.region_id) and self.image in (None, task.image)
 
     @staticmethod
     def _payload(task: PrewarmTask) -> dict[str, Any]:

@@ -596,6 +596,8 @@ async def test_completed_at_that_is_not_unix_seconds_fires_once_and_never_moves_
     # ones (a day or more ahead of now). Both say so in a WARNING.
     assert f"completed_at={now * 1000}, outside 0..253402300799; treating it as not reported" in text
     assert "tomorrow+ has completed_at=" in text and "is not Unix seconds" in text
+    # Said when the task is reported, not on every walk that lists it again.
+    assert text.count("tomorrow+ has completed_at=") == 1, text
 
 
 @needs_shared_streams
