@@ -30,6 +30,9 @@ MAX_IMAGE_SIZE = 2**50
 _INTEGER_BOUNDS = {"created_at": MAX_UNIX_SECONDS, "completed_at": MAX_UNIX_SECONDS, "image_size": MAX_IMAGE_SIZE}
 
 _log = logging.getLogger(__name__)
+#: The out-of-range (field, value) pairs already logged in this process, and how many it remembers.
+_WARNED_NUMBERS: set[tuple[str, str]] = set()
+_MAX_WARNED_NUMBERS = 1000
 
 
 class _ApiModel(BaseModel):
@@ -57,7 +60,7 @@ class _ApiModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_nulls(cls, data: Any) -> Any:
-        if isinstance(data, dict):
+        if isinstance(data, dict) and None in data.values():
             return {key: value for key, value in data.items() if value is not None}
         return data
 
@@ -112,19 +115,23 @@ class PrewarmTask(_ApiModel):
     def _sane_number(cls, value: Any, info: ValidationInfo) -> Any:
         """
         A number outside its sane range (negative, a time past the year 9999 in seconds, such as milliseconds)
-        counts as not reported (0), with a warning: it must not fail a prewarm that succeeded, nor reach a
-        watermark or an asset event's extra.
+        counts as not reported (0): it must not fail a prewarm that succeeded, nor reach a watermark or an asset
+        event's extra. A WARNING says so once per field and value: a wait parses the same task on every poll.
         """
         if isinstance(value, bool) or not isinstance(value, int | float):
             return value
-        bound = _INTEGER_BOUNDS[str(info.field_name)]
+        field = str(info.field_name)
+        bound = _INTEGER_BOUNDS[field]
         if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= bound:
-            shown = (
+            shown = clip(
                 f"a {value.bit_length()}-bit integer" if isinstance(value, int) and value.bit_length() > 64 else value
             )
-            _log.warning(
-                "The API sent %s=%s, outside 0..%d; treating it as not reported", info.field_name, clip(shown), bound
-            )
+            if (field, shown) not in _WARNED_NUMBERS:
+                if len(_WARNED_NUMBERS) >= _MAX_WARNED_NUMBERS:
+                    _WARNED_NUMBERS.clear()
+                _WARNED_NUMBERS.add((field, shown))
+                line = "The API sent %s=%s, outside 0..%d; treating it as not reported (said once per value)"
+                _log.warning(line, field, shown, bound)
             return 0
         return value
 

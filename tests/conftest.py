@@ -6,6 +6,7 @@ import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,6 +43,14 @@ def connection_uri(
     if host is not None:
         conn["host"] = host
     return json.dumps(conn)
+
+
+@pytest.fixture(autouse=True)
+def _forget_logged_numbers() -> None:
+    """Each test sees the once-per-value WARNING for an out-of-range number, whatever ran before it."""
+    models = sys.modules.get("airflow_provider_ppio.models")
+    if models is not None:
+        models._WARNED_NUMBERS.clear()
 
 
 @pytest.fixture

@@ -161,7 +161,9 @@ class SharedSessions:
     def _acquire(self, key: Any, settings: ClientSettings) -> _Entry:
         loop = asyncio.get_running_loop()
         with self._lock:
-            sessions = self._by_loop.setdefault(loop, {})
+            sessions = self._by_loop.get(loop)
+            if sessions is None:
+                sessions = self._by_loop[loop] = {}
             entry = sessions.get(key)
             if entry is None or entry.session.closed:
                 entry = sessions[key] = _Entry(self._new_session(settings))

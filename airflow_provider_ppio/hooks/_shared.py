@@ -310,7 +310,7 @@ def _base_url(conn_id: str, host: str | None, port: object = None, schema: str |
         if _UNSAFE_PATH_CHARACTERS.search(base_path):
             raise _config_error(conn_id, f"the base path {base_path!r} is malformed")
         path = "/" + base_path.strip("/")
-    if any(segment in (".", "..") for segment in _decoded_segments(path)):
+    if _has_dot_segment(path):
         raise _config_error(conn_id, f"Base URL path {parts.path!r} has dot segments")
     return f"{parts.scheme}://{netloc}{path}"
 
@@ -393,7 +393,7 @@ def prewarm_task_path(task_id: object) -> str:
         raise PPIOInvalidInputError(
             f"prewarm task id must be 1-{TASK_ID_MAX_LENGTH} characters long, got {len(task_id)}"
         )
-    if any(segment in (".", "..") for segment in _decoded_segments(task_id)):
+    if _has_dot_segment(task_id):
         # Percent-encoding does not protect dot segments: clients, proxies and servers may decode and resolve them.
         raise PPIOInvalidInputError(f"prewarm task id {task_id!r} is not a valid id")
     return f"{PREWARM_TASKS_PATH}/{quote(task_id, safe='')}"
@@ -409,19 +409,24 @@ def check_api_path(path: str) -> None:
         raise PPIOInvalidInputError(f"API path must start with a single '/', got {path!r}")
     if _UNSAFE_PATH_CHARACTERS.search(path):
         raise PPIOInvalidInputError(f"API path must not contain '?', '#', '\\\\' or whitespace: {path!r}")
-    if any(segment in (".", "..") for segment in _decoded_segments(path)):
+    if _has_dot_segment(path):
         raise PPIOInvalidInputError(f"API path must not contain dot segments ('..', '.', '%2e%2e'...): {path!r}")
 
 
-def _decoded_segments(path: str) -> list[str]:
-    """The segments of ``path`` as any server might read them: fully percent-decoded, split on / and \\, cut at ;."""
+def _has_dot_segment(path: str) -> bool:
+    """
+    Whether ``path`` has a ``.`` or ``..`` segment as any server might read it: fully percent-decoded, split on
+    / and \\, each segment cut at ;.
+    """
     decoded = path
     for _ in range(5):
         again = unquote(decoded)
         if again == decoded:
             break
         decoded = again
-    return [segment.split(";", 1)[0] for segment in re.split(r"[/\\]", decoded)]
+    if "." not in decoded:  # nearly every path: no segment can be a dot segment
+        return False
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in re.split(r"[/\\]", decoded))
 
 
 _PYTHON = ".".join(map(str, sys.version_info[:3]))

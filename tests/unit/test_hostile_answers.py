@@ -133,6 +133,20 @@ def test_a_number_out_of_range_counts_as_not_reported(field: str, value: Any, ca
     assert all(len(line) < 300 for line in caplog.text.splitlines())
 
 
+def test_an_out_of_range_number_is_logged_once_per_value_not_on_every_poll(caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(5):  # a wait parses the same task on every poll
+        assert PrewarmTask.from_api(_task(created_at=1_767_226_000_000)).created_at == 0
+    PrewarmTask.from_api(_task(completed_at=1_767_226_000_000))  # another field
+    PrewarmTask.from_api(_task(created_at=-1))  # another value
+    lines = [record.getMessage() for record in caplog.records if "treating it as not reported" in record.getMessage()]
+    assert len(lines) == 3, lines
+    assert [line.split(",")[0] for line in lines] == [
+        "The API sent created_at=1767226000000",
+        "The API sent completed_at=1767226000000",
+        "The API sent created_at=-1",
+    ]
+
+
 def test_numbers_in_range_are_kept() -> None:
     task = PrewarmTask.from_api(_task(completed_at=MAX_UNIX_SECONDS, image_size=123))
     assert (task.completed_at, task.image_size) == (MAX_UNIX_SECONDS, 123)
