@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import json
@@ -694,16 +695,33 @@ _KEY_GAP = (
 
 
 @functools.lru_cache(maxsize=8)
-def _key_pattern(key: str) -> re.Pattern[str]:
-    """``key`` in any case, each character plain, JSON-, URL- or HTML-escaped, with whitespace between."""
+def _key_patterns(key: str) -> tuple[re.Pattern[str], ...]:
+    """
+    ``key`` in any case, each character plain, JSON-, URL- (once or twice) or HTML-escaped, with whitespace
+    between; and, for a key long enough to be told apart, inside base64 or base64url text at any alignment.
+    """
     forms = []
     for char in key:
         code = ord(char)
         alternatives = [re.escape(char), rf"\\u{code:04x}", rf"&#0*{code};?", rf"&#x0*{code:x};?"]
         if code < 0x80:
-            alternatives.append(f"%{code:02x}")
+            alternatives += [f"%{code:02x}", f"%25{code:02x}"]
         forms.append("(?:" + "|".join(alternatives) + ")")
-    return re.compile(_KEY_GAP.join(forms), re.IGNORECASE)
+    patterns = [re.compile(_KEY_GAP.join(forms), re.IGNORECASE)]
+    raw = key.encode("utf-8", "surrogatepass")
+    if len(raw) >= 12:
+        # The base64 characters made of key bytes alone are the same whatever surrounds the key (e.g. a gateway
+        # echoing "Authorization: Bearer <key>" base64-encoded); one such core per alignment of the key's start.
+        cores = set()
+        for offset in range(3):
+            encoded = base64.b64encode(bytes(offset) + raw).decode()
+            core = encoded[4 * -(-offset // 3) : 4 * ((offset + len(raw)) // 3)]
+            cores |= {core, core.translate(_URLSAFE)}
+        patterns.append(re.compile("|".join(re.escape(core) for core in sorted(cores))))
+    return tuple(patterns)
+
+
+_URLSAFE = str.maketrans("+/", "-_")
 
 
 def scrub(text: str | None, secret: SecretStr | str | None) -> str | None:
@@ -718,7 +736,9 @@ def scrub(text: str | None, secret: SecretStr | str | None) -> str | None:
         return text
     if len(key) < 4:  # too short to search for without erasing ordinary text; such a key is refused by the API
         return text.replace(key, "***")
-    return _key_pattern(key).sub("***", text)
+    for pattern in _key_patterns(key):
+        text = pattern.sub("***", text)
+    return text
 
 
 def server_text(text: str | bytes | None, secret: SecretStr | str | None, limit: int = 200) -> str:

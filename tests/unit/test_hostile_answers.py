@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import re
 import urllib.parse
 from typing import Any
 
@@ -37,6 +39,7 @@ FORMS = {
     "split-by-escaped-newline": KEY[:7] + "\\n" + KEY[7:],
     "split-by-spaces": " ".join(KEY),
     "html-entity": "&#115;" + KEY[1:],
+    "url-encoded-twice": "".join(f"%25{ord(char):02X}" for char in KEY),
 }
 
 
@@ -44,6 +47,32 @@ FORMS = {
 def test_scrub_removes_every_form_of_the_key(form: str) -> None:
     text = f"before {form} after"
     assert scrub(text, SECRET) == "before *** after"
+
+
+#: The key inside base64 text, as a gateway that echoes request headers (or a proxy's log line) might send it.
+BASE64_FORMS = {
+    "bearer-header": base64.b64encode(f"Authorization: Bearer {KEY}".encode()).decode(),
+    "basic-auth": base64.b64encode(f":{KEY}".encode()).decode(),
+    "urlsafe-shifted": base64.urlsafe_b64encode(f"xy{KEY}?".encode()).decode(),
+    "alone": base64.b64encode(KEY.encode()).decode(),
+}
+
+
+@pytest.mark.parametrize("form", BASE64_FORMS.values(), ids=BASE64_FORMS.keys())
+def test_scrub_removes_the_key_from_base64_text_at_any_alignment(form: str) -> None:
+    scrubbed = scrub(f"echo: {form} end", SECRET)
+    assert scrubbed is not None and "***" in scrubbed and scrubbed.startswith("echo: ") and scrubbed.endswith(" end")
+    # No decoding of what is left, from any starting point, gives back more than 2 characters at either end.
+    for token in re.findall(r"[A-Za-z0-9+/_=-]+", scrubbed):
+        for start in range(4):
+            chunk = token[start:].rstrip("=").translate(str.maketrans("-_", "+/"))
+            decoded = base64.b64decode(chunk[: len(chunk) // 4 * 4] or "", validate=False)
+            assert KEY[2:-2].encode() not in decoded and KEY[2:10].encode() not in decoded
+
+
+def test_scrub_keeps_ordinary_base64_text() -> None:
+    text = base64.b64encode(b"Authorization: Bearer sk_another_key_1234567").decode()
+    assert scrub(text, SECRET) == text
 
 
 def test_scrub_keeps_ordinary_text() -> None:
