@@ -692,14 +692,14 @@ def summarize(results: list[Result]) -> list[list[Any]]:
     """Median of each figure per (scheme, N, trigger), and our CPU per poll as a fraction of theirs."""
     rows = []
     for scheme, count, interval in sorted({(r.scheme, r.count, r.interval) for r in results}, reverse=True):
-        cpu: dict[str, float] = {}
-        rss: dict[str, float] = {}
+        cpu: dict[str, list[float]] = {}
+        rss: dict[str, list[float]] = {}
         for kind in (OURS, THEIRS, *FLOORS):
             runs = [r for r in results if (r.scheme, r.count, r.kind) == (scheme, count, kind)]
             if not runs:
                 continue
-            cpu[kind] = median([r.cpu_per_poll_us for r in runs])
-            rss[kind] = median([r.peak_rss_mb for r in runs])
+            cpu[kind] = [r.cpu_per_poll_us for r in runs]  # in run order: the i-th of each kind ran side by side
+            rss[kind] = [r.peak_rss_mb for r in runs]
             rows.append(
                 [
                     scheme,
@@ -707,7 +707,7 @@ def summarize(results: list[Result]) -> list[list[Any]]:
                     f"{interval:g}",
                     f"`{kind}`",
                     f"{median([r.peak_rss_mb for r in runs]):.0f}",
-                    f"{cpu[kind]:.0f}",
+                    f"{median(cpu[kind]):.0f}",
                     f"{median([r.most_sockets for r in runs]):.0f}",
                     f"{median([r.lost for r in runs]):.0f}",
                     f"{median([r.polls_in_window for r in runs]):,.0f}",
@@ -717,13 +717,23 @@ def summarize(results: list[Result]) -> list[list[Any]]:
         labels = ((THEIRS, "**ratio ours / theirs**"), (FLOOR, "ratio ours / bare aiohttp"))
         for other, label in (*labels, (FLOOR_AIRFLOW, "ratio ours / bare aiohttp + Airflow")):
             if OURS in cpu and other in cpu:
-                # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
-                usable = all(0 < cpu[kind] < float("inf") for kind in (OURS, other))
-                ratio = f"{cpu[OURS] / cpu[other]:.2f}" if usable else "n/a"
-                ratio = f"**{ratio}**" if other == THEIRS else ratio
-                rss_ratio = f"{rss[OURS] / rss[other]:.2f}" if rss[other] > 0 else "n/a"
-                rows.append([scheme, f"{count:,}", "", label, rss_ratio, ratio, "", "", "", ""])
+                cpu_ratio = _ratio(cpu[OURS], cpu[other], bold=other == THEIRS)
+                rows.append([scheme, f"{count:,}", "", label, _ratio(rss[OURS], rss[other]), cpu_ratio, "", "", "", ""])
     return rows
+
+
+def _ratio(ours: list[float], other: list[float], *, bold: bool = False) -> str:
+    """
+    The median over the runs of ours / the other kind measured in the same run, then each run's ratio: the machine's
+    speed drifts between runs, so each ratio compares figures taken side by side.
+    """
+    # No ratio when a figure is missing (no poll answered) or below the CPU clock's resolution.
+    ratios = [a / b for a, b in zip(ours, other, strict=False) if 0 < a < float("inf") and 0 < b < float("inf")]
+    if not ratios:
+        return "n/a"
+    text = f"{median(ratios):.2f}"
+    text = f"**{text}**" if bold else text
+    return text if len(ratios) == 1 else f"{text} ({', '.join(f'{ratio:.2f}' for ratio in ratios)})"
 
 
 HEADERS = [

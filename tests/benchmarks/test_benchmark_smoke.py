@@ -146,6 +146,21 @@ def test_triggerer_scale_runs_both_triggers_and_the_floor_and_every_wait_fires(t
         assert count == 5 and rss > 0 and cpu >= 0 and lost == 0
 
 
+def test_a_triggerer_ratio_compares_the_runs_taken_side_by_side() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_triggerer_scale", BENCHMARKS / "triggerer_scale.py")
+    assert spec and spec.loader
+    scale = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scale  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(scale)
+    finally:
+        del sys.modules[spec.name]
+    # The machine slowed down between runs: each run's ratio is ours over the floor measured next to it.
+    assert scale._ratio([500.0, 650.0, 640.0], [450.0, 540.0, 600.0]) == "1.11 (1.11, 1.20, 1.07)"
+    assert scale._ratio([500.0], [400.0], bold=True) == "**1.25**"
+    assert scale._ratio([500.0], [float("inf")]) == "n/a"
+
+
 @pytest.mark.timeout(240)
 def test_triggerer_outage_ends_every_wait_with_a_timeout_event() -> None:
     output = run_script(
