@@ -706,7 +706,7 @@ def summarize(results: list[Result]) -> list[list[Any]]:
                     f"{count:,}",
                     f"{interval:g}",
                     f"`{kind}`",
-                    f"{median([r.peak_rss_mb for r in runs]):.0f}",
+                    f"{median(rss[kind]):.0f}",
                     f"{median(cpu[kind]):.0f}",
                     f"{median([r.most_sockets for r in runs]):.0f}",
                     f"{median([r.lost for r in runs]):.0f}",

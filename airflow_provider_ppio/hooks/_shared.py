@@ -694,6 +694,10 @@ _KEY_GAP = (
 )
 
 
+#: base64 to base64url.
+_URLSAFE = str.maketrans("+/", "-_")
+
+
 @functools.lru_cache(maxsize=8)
 def _key_patterns(key: str) -> tuple[re.Pattern[str], ...]:
     """
@@ -719,9 +723,6 @@ def _key_patterns(key: str) -> tuple[re.Pattern[str], ...]:
             cores |= {core, core.translate(_URLSAFE)}
         patterns.append(re.compile("|".join(re.escape(core) for core in sorted(cores))))
     return tuple(patterns)
-
-
-_URLSAFE = str.maketrans("+/", "-_")
 
 
 def scrub(text: str | None, secret: SecretStr | str | None) -> str | None:

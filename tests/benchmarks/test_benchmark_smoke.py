@@ -40,13 +40,26 @@ def table_row(output: str, first_cell: str) -> list[str]:
     return [cell.strip() for cell in match.group(1).split("|")]
 
 
-def plot_module() -> Any:
-    """``benchmarks/plot.py``: its readers need only the standard library (drawing needs matplotlib)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_plot", BENCHMARKS / "plot.py")
+def benchmark_module(name: str) -> Any:
+    """
+    The module ``benchmarks/<name>.py``, imported from its file (the folder is not a package).
+
+    :param name: The script's name without ``.py``.
+    """
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # a dataclass in it looks its module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
     return module
+
+
+def plot_module() -> Any:
+    """``benchmarks/plot.py``: its readers need only the standard library (drawing needs matplotlib)."""
+    return benchmark_module("plot")
 
 
 @pytest.mark.timeout(240)
@@ -147,14 +160,7 @@ def test_triggerer_scale_runs_both_triggers_and_the_floor_and_every_wait_fires(t
 
 
 def test_a_triggerer_ratio_compares_the_runs_taken_side_by_side() -> None:
-    spec = importlib.util.spec_from_file_location("benchmarks_triggerer_scale", BENCHMARKS / "triggerer_scale.py")
-    assert spec and spec.loader
-    scale = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = scale  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(scale)
-    finally:
-        del sys.modules[spec.name]
+    scale = benchmark_module("triggerer_scale")
     # The machine slowed down between runs: each run's ratio is ours over the floor measured next to it.
     assert scale._ratio([500.0, 650.0, 640.0], [450.0, 540.0, 600.0]) == "1.11 (1.11, 1.20, 1.07)"
     assert scale._ratio([500.0], [400.0], bold=True) == "**1.25**"
